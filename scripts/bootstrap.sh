@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install eqntk with everything it runs with, from a fresh machine.
+# Usage: bash scripts/bootstrap.sh [extra]   (extra: "test" adds the test tools)
+#
+# Why not a plain `pip install .`:
+#  - torch is installed first and pinned (TORCH_SPEC) so that pip never pulls a multi-GB
+#    CUDA build by accident; on a CUDA machine set TORCH_SPEC and TORCH_INDEX as you like.
+#  - escnn 1.0.11 is installed with --no-deps: its hard dependency py3nj only builds with a
+#    Fortran compiler and only speeds up SO(3) Clebsch-Gordan coefficients. escnn's other
+#    dependencies (lie_learn, pymanopt, autograd, joblib) are listed in pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+extra=${1:-}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if [ -n "${TORCH_INDEX:-}" ]; then
+  .venv/bin/pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX"
+else
+  .venv/bin/pip install -q "$TORCH_SPEC"
+fi
+.venv/bin/pip install -q --no-deps "escnn==1.0.11"
+if [ -n "$extra" ]; then
+  .venv/bin/pip install -q -e ".[$extra]"
+else
+  .venv/bin/pip install -q -e .
+fi

@@ -1,0 +1,127 @@
+"""The model spec: one description of a network that the study file, the workers (finite
+models) and the analysis (analytic kernels) all read. docs/models.md defines each
+architecture exactly; this module only says which fields exist and which combinations
+are meaningful.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .groups import Group
+
+Arch = Literal["mlp", "cnn", "gcnn", "group_mlp"]
+Padding = Literal["circular", "zero", "valid"]
+Nonlinearity = Literal["relu", "erf", "identity"]
+Readout = Literal["gap", "flatten"]
+Support = Literal["identity", "full"]
+Basis = Literal["canonical", "escnn"]
+Augmentation = Literal["none", "full_orbit", "random"]
+
+
+class ModelSpec(BaseModel):
+    """A network family in NTK parameterisation; the width is not part of it.
+
+    - ``depth``: number of hidden layers (each followed by the nonlinearity), then a
+      linear readout to the outputs.
+    - ``group``: the symmetry group. It defines the GCNN layers, the augmentation orbit,
+      and the orbits on which eval inputs are logged. For ``mlp`` and ``cnn`` with
+      ``augmentation: none`` it only sets the eval orbits.
+    - ``support`` and ``basis`` apply to ``gcnn`` and ``group_mlp`` only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    arch: Arch
+    group: str = "C4"
+    depth: int = Field(2, ge=1)
+    kernel_size: int = Field(3, ge=1)
+    padding: Padding = "circular"
+    nonlinearity: Nonlinearity = "relu"
+    readout: Readout = "gap"
+    support: Support = "full"
+    basis: Basis = "canonical"
+    augmentation: Augmentation = "none"
+    sigma_w: float = Field(1.0, gt=0)
+    sigma_b: float = Field(0.0, ge=0)
+    bias: bool = True
+
+    @field_validator("group")
+    @classmethod
+    def _group_parses(cls, v: str) -> str:
+        return Group.parse(v).name
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "ModelSpec":
+        equivariant = self.arch in ("gcnn", "group_mlp")
+        if equivariant and self.augmentation != "none":
+            raise ValueError(
+                f"augmentation: model {self.name} is already equivariant ({self.arch}); use augmentation: none"
+            )
+        if self.arch == "gcnn" and self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size: GCNN {self.name} needs an odd kernel so rotations map the filter onto itself"
+            )
+        if self.arch in ("gcnn", "group_mlp") and self.basis == "escnn" and self.support != "full":
+            raise ValueError(
+                f"support: escnn's own basis spans full-support filters only; use support: full for {self.name}"
+            )
+        return self
+
+    @property
+    def group_obj(self) -> Group:
+        return Group.parse(self.group)
+
+    @property
+    def equivariant(self) -> bool:
+        return self.arch in ("gcnn", "group_mlp")
+
+    @property
+    def spatial(self) -> bool:
+        """Whether the model convolves over a spatial grid (CNN, GCNN)."""
+        return self.arch in ("cnn", "gcnn")
+
+
+def check_model_input(spec: ModelSpec, shape: tuple[int, ...]) -> None:
+    """Raise ValueError naming the field when inputs of ``shape`` (no batch axis) do not fit.
+
+    Images are ``(C, H, W)``, ring signals ``(C, m)``.
+    """
+    g = spec.group_obj
+    if len(shape) == 3:
+        c, h, w = shape
+        if spec.spatial and spec.kernel_size > min(h, w):
+            raise ValueError(
+                f"kernel_size: {spec.kernel_size} is larger than the {h}x{w} images of model {spec.name}; "
+                f"use at most {min(h, w)}"
+            )
+        exact = g.acts_exactly_on_grid() and (h == w or g.order == 1)
+        needs_exact = spec.augmentation != "none" or (spec.equivariant and spec.basis == "canonical")
+        if spec.arch == "group_mlp" and not exact:
+            raise ValueError(
+                f"group: {g.name} does not permute the pixels of {h}x{w} images (model {spec.name}); "
+                "use C1, C2, C4, D1, D2 or D4 on square images, or ring signals"
+            )
+        if needs_exact and not exact:
+            what = "basis: canonical" if spec.equivariant else f"augmentation: {spec.augmentation}"
+            raise ValueError(
+                f"{what.split(':')[0]}: {what} needs a group that acts exactly on the {h}x{w} grid, "
+                f"and {g.name} does not (model {spec.name}); use C1, C2, C4, D1, D2 or D4 on square images"
+                + (", or basis: escnn" if spec.equivariant else "")
+            )
+    elif len(shape) == 2:
+        c, m = shape
+        if spec.spatial:
+            raise ValueError(
+                f"arch: {spec.arch} needs images (C, H, W), but the data are ring signals (C, m); "
+                "use mlp or group_mlp"
+            )
+        if (spec.equivariant or spec.augmentation != "none") and not g.acts_exactly_on_ring(m):
+            raise ValueError(
+                f"group: {g.name} does not act on a ring of {m} points (model {spec.name}); n must divide {m}"
+            )
+    else:
+        raise ValueError(f"data: inputs must be images (C, H, W) or ring signals (C, m), got shape {shape}")
