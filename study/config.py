@@ -1,0 +1,282 @@
+"""The study file: what to run, validated with pydantic before any work starts.
+
+A study is a YAML file (see ``study/builtin/builtin.yaml``). Every field is checked here
+or in ``study.data`` (which needs the arrays: shapes, files) before Ray starts; an error
+names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .spec import ModelSpec
+
+
+class StudyError(ValueError):
+    """Bad input: a one-line message naming the field and the fix (exit code 2)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DigitsSource(_Strict):
+    """scikit-learn's 8x8 digits (shipped with the package), in a fixed seeded order."""
+
+    source: Literal["digits"]
+    n: int = Field(gt=0)
+    start: int = Field(0, ge=0)
+
+
+class NpzSource(_Strict):
+    """Images and labels from a ``.npz`` in the MedMNIST layout (``<split>_images``, ``<split>_labels``)."""
+
+    source: Literal["npz"]
+    path: str
+    split: Literal["train", "val", "test"] = "train"
+    n: Optional[int] = Field(None, gt=0)
+    start: int = Field(0, ge=0)
+    resize: Optional[int] = Field(None, gt=0)
+    grayscale: bool = False
+
+
+class GaussianSource(_Strict):
+    """i.i.d. N(0, 1) inputs of the training inputs' shape: off the data manifold."""
+
+    source: Literal["gaussian"]
+    n: int = Field(gt=0)
+
+
+class PhotoPatchSource(_Strict):
+    """Patches of scikit-learn's sample photographs, averaged down to the training image size."""
+
+    source: Literal["sample_images"]
+    n: int = Field(gt=0)
+    patch: int = Field(32, gt=0)
+
+
+class RingSource(_Strict):
+    """Synthetic signals on a ring of ``m`` points: sums of random bumps, labelled by their count."""
+
+    source: Literal["ring"]
+    n: int = Field(gt=0)
+    m: int = Field(gt=0)
+    classes: int = Field(3, ge=2)
+    start: int = Field(0, ge=0)
+
+
+Source = Annotated[
+    Union[DigitsSource, NpzSource, GaussianSource, PhotoPatchSource, RingSource],
+    Field(discriminator="source"),
+]
+
+
+class EvalSet(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: Source
+
+    @field_validator("name")
+    @classmethod
+    def _not_train(cls, v: str) -> str:
+        if v == "train":
+            raise ValueError("'train' is reserved for the training inputs; choose another eval set name")
+        return v
+
+
+class DataConfig(_Strict):
+    train: Source
+    eval: list[EvalSet] = Field(default_factory=list)
+    normalize: Literal["per_image", "none"] = "per_image"
+    targets: Literal["one_hot_centred", "one_hot"] = "one_hot_centred"
+
+    @field_validator("train")
+    @classmethod
+    def _labelled(cls, v):
+        if v.source in ("gaussian", "sample_images"):
+            raise ValueError(f"source {v.source} has no labels; train on digits, npz or ring data")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        names = [e.name for e in self.eval]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"eval set names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+class LogSpaced(_Strict):
+    """``count`` steps spaced logarithmically from 1 to ``steps``, plus step 0."""
+
+    count: int = Field(ge=2)
+
+
+class Resources(_Strict):
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class StudyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig
+    group: str = "C4"
+    models: list[dict] = Field(min_length=1)
+    widths: list[int] = Field(min_length=1)
+    ensemble_size: int
+    members_per_unit: Optional[int] = None
+    lr: Union[float, list[float]]
+    steps: int = Field(ge=1)
+    log_steps: Union[list[int], LogSpaced]
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resources: Resources = Resources()
+    store_members: bool = False
+    max_retries: int = Field(3, ge=0)
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        for w in v:
+            if w <= 0:
+                raise ValueError(f"width {w} must be a positive integer, e.g. widths: [64, 256, 1024]")
+        if len(set(v)) != len(v):
+            raise ValueError("widths must not repeat")
+        return sorted(v)
+
+    @field_validator("ensemble_size")
+    @classmethod
+    def _ensemble(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"ensemble_size {v} is below 2: a variance needs at least 2 members")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v):
+        for x in v if isinstance(v, list) else [v]:
+            if not (x > 0 and math.isfinite(x)):
+                raise ValueError(f"learning rate {x} must be positive and finite")
+        return v
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        from .groups import Group
+
+        return Group.parse(v).name
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudyConfig":
+        if self.members_per_unit is not None and not (1 <= self.members_per_unit <= self.ensemble_size):
+            raise ValueError(
+                f"members_per_unit {self.members_per_unit} must be between 1 and ensemble_size {self.ensemble_size}"
+            )
+        if isinstance(self.log_steps, list):
+            bad = [s for s in self.log_steps if s < 0 or s > self.steps]
+            if bad:
+                raise ValueError(
+                    f"log_steps {bad} lie outside the run (0..{self.steps}); drop them or raise steps"
+                )
+        specs = self.model_specs  # validates every model
+        for i, m in enumerate(self.models):
+            ws = m.get("widths")
+            if ws is not None and (
+                not isinstance(ws, list) or not ws or any(not isinstance(w, int) or w <= 0 for w in ws)
+            ):
+                raise ValueError(f"models.{i}.widths: {ws} must be a list of positive integers, e.g. [16, 64, 256]")
+        names = [m.name for m in specs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        out = []
+        for i, m in enumerate(self.models):
+            m = dict(m)
+            m.pop("widths", None)
+            m.setdefault("group", self.group)
+            try:
+                out.append(ModelSpec(**m))
+            except ValidationError as e:
+                raise ValueError(_first_error(e, prefix=f"models.{i}")) from None
+        return out
+
+    def widths_of(self, model_name: str) -> list[int]:
+        """A model's own ``widths`` (when its entry gives them), else the study's."""
+        for m in self.models:
+            if m.get("name") == model_name and "widths" in m:
+                return sorted(m["widths"])
+        return self.widths
+
+    @property
+    def lrs(self) -> list[float]:
+        return list(self.lr) if isinstance(self.lr, list) else [self.lr]
+
+    @property
+    def resolved_log_steps(self) -> list[int]:
+        if isinstance(self.log_steps, list):
+            steps = set(self.log_steps)
+        else:
+            import numpy as np
+
+            steps = {int(round(s)) for s in np.geomspace(1, self.steps, self.log_steps.count)}
+        steps.add(0)
+        return sorted(steps)
+
+    @property
+    def unit_size(self) -> int:
+        return self.members_per_unit or self.ensemble_size
+
+
+def _first_error(e: ValidationError, prefix: str = "") -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (a typo?); remove it or check the spelling against docs/study.md"
+    elif err["type"] == "missing":
+        msg = "required field is missing; add it"
+    elif err["type"] in ("literal_error", "enum"):
+        msg = f"{err.get('input')!r} is not supported; {msg.replace('Input should be', 'use')}"
+    elif err["type"] in ("greater_than", "greater_than_equal", "less_than_equal", "too_short"):
+        msg = f"{err.get('input')!r} is out of range; {msg.replace('Input should', 'it must')}"
+    elif err["type"].endswith("_type") or err["type"].endswith("_parsing"):
+        msg = f"{err.get('input')!r} has the wrong type; {msg.replace('Input should', 'it must')}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_study(text: str, origin: str = "study") -> StudyConfig:
+    """Parse and validate YAML text; raise StudyError with a one-line message."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise StudyError(f"{origin}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{origin}: a study file must be a YAML mapping of fields (name, data, models, ...)")
+    try:
+        return StudyConfig(**raw)
+    except ValidationError as e:
+        raise StudyError(f"{origin}: {_first_error(e)}") from None
+    except ValueError as e:  # raised by model_specs inside a validator
+        raise StudyError(f"{origin}: {e}") from None
+
+
+def load_study(path: Union[str, Path]) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study: file {path} not found; give the path of a study YAML file")
+    return parse_study(path.read_text(), origin=str(path))
+
+
+def builtin_study_path(quick: bool = False) -> Path:
+    return Path(__file__).parent / "builtin" / ("quick.yaml" if quick else "builtin.yaml")

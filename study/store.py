@@ -1,0 +1,302 @@
+"""The result store: one directory per study run.
+
+Layout (``DIR``)::
+
+    study.yaml        the study file as given
+    study.json        the resolved study (every default filled in), to detect a changed study
+    inputs.npz        the exact arrays: train_x, train_y, eval__<name> for each eval set
+    versions.json     python, torch, escnn, ray, numpy, pyarrow versions of the driver
+    units/<id>.json   one record per finished or failed unit (status, steps, node, timing)
+    predictions/model=<name>/width=<w>/part-<unit id>.parquet
+
+``predictions`` is a hive-partitioned Parquet dataset: ``pandas.read_parquet(DIR /
+"predictions")`` or ``pyarrow.dataset.dataset(..., partitioning="hive")`` reads it whole.
+A part appears only complete (written to a hidden temp file, then renamed), so a part file
+exists if and only if its unit finished; readers never see half a unit, and a rerun never
+duplicates one. docs/results.md documents the columns (``PART_SCHEMA`` below).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import platform
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import StudyError
+from .groups import Group
+from .grid import UnitSpec
+
+# Columns of every part file; ``model`` and ``width`` come from the directory names.
+PART_SCHEMA = pa.schema(
+    [
+        ("unit_id", pa.string()),
+        ("arch", pa.string()),
+        ("group", pa.string()),
+        ("basis", pa.string()),
+        ("support", pa.string()),
+        ("augmentation", pa.string()),
+        ("member_start", pa.int32()),
+        ("member_stop", pa.int32()),
+        ("lr", pa.float64()),
+        ("step", pa.int64()),
+        ("time", pa.float64()),
+        ("eval_set", pa.string()),
+        ("sample", pa.int32()),
+        ("group_element", pa.int32()),
+        ("output", pa.int32()),
+        ("count", pa.int32()),
+        ("sum", pa.float64()),
+        ("sumsq", pa.float64()),
+    ]
+)
+MEMBER_FIELDS = [("member", pa.int32()), ("prediction", pa.float64())]
+
+
+def part_schema(store_members: bool) -> pa.Schema:
+    if not store_members:
+        return PART_SCHEMA
+    return pa.schema(list(PART_SCHEMA) + [pa.field(n, t) for n, t in MEMBER_FIELDS])
+
+
+class PartWriter:
+    """Streams one unit's predictions into a Parquet file in a private temp directory.
+
+    The worker calls ``log`` at each logged step; ``finish`` closes the file and returns its
+    bytes, which the driver commits atomically into the store. A unit that dies leaves only
+    its temp file behind, never a part.
+    """
+
+    def __init__(self, unit: UnitSpec, tmpdir: Optional[str] = None):
+        self.unit = unit
+        self.schema = part_schema(unit.store_members)
+        fd, self.path = tempfile.mkstemp(prefix=f".part-{unit.unit_id}-", suffix=".parquet", dir=tmpdir)
+        os.close(fd)
+        self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        self.rows = 0
+
+    def log(self, step: int, eval_set: str, preds: np.ndarray) -> None:
+        """``preds``: ``[members, n, |G|, n_out]`` predictions at ``step`` on ``eval_set``."""
+        u = self.unit
+        preds = np.asarray(preds, dtype=np.float64)
+        m, n, g, k = preds.shape
+        if m != u.members:
+            raise ValueError(f"expected predictions of {u.members} members, got {m}")
+        sample, elem, out = (a.reshape(-1) for a in np.meshgrid(np.arange(n), np.arange(g), np.arange(k), indexing="ij"))
+        rows = n * g * k
+        if u.store_members:
+            member = np.repeat(np.arange(u.member_start, u.member_stop), rows)
+            sample, elem, out = (np.tile(a, m) for a in (sample, elem, out))
+            values = preds.reshape(-1)
+            cols = dict(count=np.ones(m * rows, np.int32), sum=values, sumsq=values**2, member=member, prediction=values)
+            rows *= m
+        else:
+            cols = dict(
+                count=np.full(rows, m, np.int32),
+                sum=preds.sum(axis=0).reshape(-1),
+                sumsq=(preds**2).sum(axis=0).reshape(-1),
+            )
+        const = dict(
+            unit_id=u.unit_id,
+            arch=u.model.arch,
+            group=u.model.group,
+            basis=u.model.basis,
+            support=u.model.support,
+            augmentation=u.model.augmentation,
+            member_start=u.member_start,
+            member_stop=u.member_stop,
+            lr=u.lr,
+            step=step,
+            time=u.lr * step,
+            eval_set=eval_set,
+        )
+        arrays = []
+        for f in self.schema:
+            if f.name in const:
+                arrays.append(pa.array(np.full(rows, const[f.name]) if not isinstance(const[f.name], str) else [const[f.name]] * rows, f.type))
+            elif f.name in ("sample", "group_element", "output"):
+                arrays.append(pa.array({"sample": sample, "group_element": elem, "output": out}[f.name], f.type))
+            else:
+                arrays.append(pa.array(cols[f.name], f.type))
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.rows += rows
+
+    def finish(self, metadata: dict) -> bytes:
+        """Close the file with ``metadata`` in its footer and return its bytes."""
+        self._writer.add_key_value_metadata({"eqntk": json.dumps(metadata, sort_keys=True)})
+        self._writer.close()
+        try:
+            return Path(self.path).read_bytes()
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    def __init__(self, root: os.PathLike | str):
+        self.root = Path(root)
+        self._lock_file = None
+
+    # ----- paths -----------------------------------------------------------------
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    def part_path(self, unit: UnitSpec) -> Path:
+        return self.predictions / f"model={unit.model.name}" / f"width={unit.width}" / f"part-{unit.unit_id}.parquet"
+
+    def record_path(self, unit_id: str) -> Path:
+        return self.root / "units" / f"{unit_id}.json"
+
+    # ----- lifecycle -------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.root / "study.json").is_file()
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory for this process's lifetime.
+
+        The kernel drops it when the process dies (even by SIGKILL), so a crashed driver
+        never blocks the rerun that resumes it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            f.close()
+            raise StudyError(
+                f"--out: {self.root} is in use by another eqntk run ({who}); wait for it to finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def initialise(self, study_text: str, resolved: dict, data) -> None:
+        """Write the study, its arrays and the versions (once; a resumed run keeps them)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        data.save(self.root / "inputs.npz")
+        _atomic_write(self.root / "study.yaml", study_text.encode())
+        _atomic_write(self.root / "versions.json", json.dumps(versions(), indent=2).encode())
+        # study.json last: its presence marks a fully initialised directory.
+        _atomic_write(self.root / "study.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
+
+    def resolved_study(self) -> dict:
+        return json.loads((self.root / "study.json").read_text())
+
+    def load_data(self):
+        from .data import StudyData
+
+        return StudyData.load(self.root / "inputs.npz")
+
+    # ----- units -----------------------------------------------------------------
+    def is_done(self, unit: UnitSpec) -> bool:
+        return self.part_path(unit).is_file()
+
+    def commit(self, unit: UnitSpec, part: bytes, record: dict) -> None:
+        _atomic_write(self.part_path(unit), part)
+        _atomic_write(self.record_path(unit.unit_id), json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def record_failure(self, unit: UnitSpec, record: dict) -> None:
+        _atomic_write(self.record_path(unit.unit_id), json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def record(self, unit_id: str) -> Optional[dict]:
+        p = self.record_path(unit_id)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def unit_states(self, units: Iterable[UnitSpec]) -> dict[str, str]:
+        """``unit_id -> done | diverged | failed | pending`` (the part file decides done)."""
+        states = {}
+        for u in units:
+            rec = self.record(u.unit_id) or {}
+            if self.is_done(u):
+                states[u.unit_id] = "diverged" if rec.get("status") == "diverged" else "done"
+            elif rec.get("status") == "failed":
+                states[u.unit_id] = "failed"
+            else:
+                states[u.unit_id] = "pending"
+        return states
+
+    def clean_temp_files(self) -> int:
+        """Remove temp files a killed driver left behind (never complete parts)."""
+        n = 0
+        for p in self.root.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "escnn", "ray", "numpy", "pyarrow", "pandas", "eqntk"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def read_predictions(root: os.PathLike | str, columns: Optional[list[str]] = None, filter=None):
+    """The whole predictions dataset as a pyarrow Table (hive partitions as columns).
+
+    A corrupt part raises StudyError naming the file and how to regenerate it.
+    """
+    import pyarrow.dataset as ds
+
+    root = Path(root)
+    base = root / "predictions"
+    if not base.is_dir():
+        raise StudyError(f"{root}: no predictions found; run `eqntk run --out {root}` first")
+    parts = sorted(base.rglob("part-*.parquet"))
+    for p in parts:
+        try:
+            pq.read_metadata(p)
+        except Exception:
+            raise StudyError(
+                f"{p} is truncated or corrupt; delete it and run `eqntk run --out {root}` again to regenerate that unit"
+            ) from None
+    dataset = ds.dataset(base, format="parquet", partitioning="hive")
+    try:
+        return dataset.to_table(columns=columns, filter=filter)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise StudyError(f"{base}: a part could not be read ({e}); delete it and rerun `eqntk run --out {root}`") from None
+
+
+def part_bytes_metadata(part: bytes) -> dict:
+    meta = pq.read_metadata(io.BytesIO(part)).metadata or {}
+    return json.loads(meta.get(b"eqntk", b"{}"))

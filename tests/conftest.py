@@ -1,0 +1,21 @@
+import os
+import warnings
+
+import pytest
+
+# escnn warns at import that py3nj is missing (only SO(3) Clebsch-Gordan speed); not ours to fix.
+warnings.filterwarnings("ignore", message=".*py3nj.*")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: opt in with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

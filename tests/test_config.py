@@ -1,0 +1,140 @@
+"""Bad input is refused before any work: exit code 2, one line naming the field and the fix,
+and nothing written to the output directory."""
+
+import io
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from study.cli import main
+
+GOOD = """
+name: tiny
+seed: 0
+data:
+  train: {source: digits, n: 8}
+  eval:
+    - {name: noise, data: {source: gaussian, n: 4}}
+group: C4
+models:
+  - {name: mlp, arch: mlp, depth: 1}
+  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}
+widths: [8, 16]
+ensemble_size: 4
+lr: 0.5
+steps: 20
+log_steps: [0, 5, 20]
+"""
+
+
+def write(tmp_path: Path, text: str, name="study.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def replace(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new)
+
+
+def npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+NPZ_STUDY = replace(GOOD, "train: {source: digits, n: 8}", "train: {source: npz, path: data.npz, n: 8}")
+
+# (case id, study text, extra files, words the message must contain)
+CASES = [
+    ("unknown group", replace(GOOD, "group: C4", "group: Q4"), {}, ["group", "C<n> or D<n>"]),
+    ("group order below 1", replace(GOOD, "group: C4", "group: C0"), {}, ["group", "at least 1"]),
+    ("zero width", replace(GOOD, "widths: [8, 16]", "widths: [0, 16]"), {}, ["widths", "positive"]),
+    ("negative width", replace(GOOD, "widths: [8, 16]", "widths: [-8]"), {}, ["widths", "positive"]),
+    ("kernel larger than image",
+     replace(GOOD, "{name: mlp, arch: mlp, depth: 1}", "{name: mlp, arch: cnn, kernel_size: 9}"), {},
+     ["kernel_size", "at most 8"]),
+    ("unsupported padding", replace(GOOD, "{name: mlp, arch: mlp, depth: 1}", "{name: mlp, arch: cnn, padding: reflect}"), {},
+     ["models.0.padding", "reflect", "circular"]),
+    ("unsupported nonlinearity", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, nonlinearity: gelu"), {},
+     ["models.0.nonlinearity", "relu"]),
+    ("learning rate not positive", replace(GOOD, "lr: 0.5", "lr: -0.1"), {}, ["lr", "positive"]),
+    ("logging steps beyond the run", replace(GOOD, "log_steps: [0, 5, 20]", "log_steps: [0, 5, 50]"), {},
+     ["log_steps", "raise steps"]),
+    ("ensemble size below 2", replace(GOOD, "ensemble_size: 4", "ensemble_size: 1"), {}, ["ensemble_size", "at least 2"]),
+    ("missing data file", NPZ_STUDY, {}, ["data.path", "not found"]),
+    ("corrupt npz", NPZ_STUDY, {"data.npz": b"PK\x03\x04 this is not a zip"}, ["data.path", "not a readable"]),
+    ("wrongly shaped npz", NPZ_STUDY,
+     {"data.npz": npz_bytes(train_images=np.zeros((8, 8, 8, 1, 1), np.uint8), train_labels=np.zeros((8, 1)))},
+     ["data.path", "shape"]),
+    ("npz without the split", NPZ_STUDY,
+     {"data.npz": npz_bytes(val_images=np.zeros((8, 8, 8), np.uint8), val_labels=np.zeros((8, 1)))},
+     ["data.split", "train_images"]),
+    ("wrong input shape for the model",
+     replace(replace(GOOD, "train: {source: digits, n: 8}", "train: {source: ring, n: 8, m: 12}"),
+             "- {name: noise, data: {source: gaussian, n: 4}}", "[]").replace("eval:\n    []", "eval: []")
+     .replace("{name: mlp, arch: mlp, depth: 1}", "{name: mlp, arch: cnn}"), {},
+     ["arch", "needs images"]),
+    ("invalid YAML", "name: [unclosed\nseed: 0\n", {}, ["not valid YAML"]),
+    ("unknown key", replace(GOOD, "ensemble_size: 4", "ensemble_size: 4\nensemble_sise: 4"), {},
+     ["ensemble_sise", "unknown key"]),
+    ("unknown model key", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, dept: 1"), {}, ["models.0.dept", "unknown key"]),
+    ("eval set with no inputs", replace(GOOD, "{source: gaussian, n: 4}", "{source: gaussian, n: 0}"), {},
+     ["data.eval", "greater than 0", "out of range"]),
+    ("canonical basis where the group is not exact on the grid",
+     replace(GOOD, "{name: gmlp, arch: group_mlp, depth: 1, support: identity}",
+             "{name: g, arch: gcnn, group: C8, basis: canonical}"), {}, ["basis", "C8", "basis: escnn"]),
+    ("augmentation on an equivariant model",
+     replace(GOOD, "support: identity}", "support: identity, augmentation: full_orbit}"), {}, ["augmentation", "none"]),
+    ("not a mapping", "- just\n- a list\n", {}, ["YAML mapping"]),
+]
+
+
+@pytest.mark.parametrize("case,text,files,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_refused(tmp_path, capsys, case, text, files, words):
+    study = write(tmp_path, text)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out"
+    code = main(["run", str(study), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists(), "nothing may be written for a refused study"
+
+
+def test_at_least_15_kinds():
+    assert len(CASES) >= 15
+
+
+def test_validate_prints_grid(tmp_path, capsys):
+    study = write(tmp_path, GOOD)
+    assert main(["validate", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "4 units" in out and "gmlp" in out and "[0, 5, 20]" in out
+
+
+def test_console_script_exit_code(tmp_path):
+    study = write(tmp_path, replace(GOOD, "group: C4", "group: Q4"))
+    exe = Path(sys.executable).with_name("eqntk")
+    r = subprocess.run([str(exe), "validate", str(study)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("eqntk: error:")
+
+
+def test_unit_ids_stable_and_sensitive(tmp_path):
+    from study.cli import Prepared
+
+    a = Prepared(write(tmp_path, GOOD, "a.yaml"))
+    b = Prepared(write(tmp_path, GOOD, "b.yaml"))
+    c = Prepared(write(tmp_path, replace(GOOD, "lr: 0.5", "lr: 0.25"), "c.yaml"))
+    assert [u.unit_id for u in a.units] == [u.unit_id for u in b.units]
+    assert not {u.unit_id for u in a.units} & {u.unit_id for u in c.units}
