@@ -1,0 +1,107 @@
+"""Training-set augmentation by the model's group (docs/models.md, "Augmentation").
+
+Every transformed input is an exact permutation of the original (``study.groups``), so
+``full_orbit`` and ``random`` never interpolate. Each augmentation hands the trainer one
+full batch per step: either one batch shared by all members, or (``random``) one batch per
+member, since members draw their own group elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from study.groups import Group
+
+
+def orbit(group: Group, x: torch.Tensor) -> torch.Tensor:
+    """``[N, *shape] -> [N, |G|, *shape]`` with ``[:, g] = L_g x`` (images ``[C, H, W]``, rings ``[C, m]``)."""
+    if x.ndim == 4:
+        return group.orbit_image(x)
+    if x.ndim == 3:
+        return group.orbit_ring(x)
+    raise ValueError(f"data: inputs must be images [N, C, H, W] or ring signals [N, C, m], got shape {tuple(x.shape)}")
+
+
+@dataclass
+class Batch:
+    """One full training batch: ``x`` is ``[B, *shape]`` (shared) or ``[M, B, *shape]`` (per member)."""
+
+    x: torch.Tensor
+    y: torch.Tensor  # [B, n_out], shared: augmentation never changes a target
+    per_member: bool
+
+
+class NoAugmentation:
+    """Train on the ``N`` samples as given.
+
+    Every augmentation keeps the original inputs as ``x`` (``[N, *shape]``) and hands out
+    one full batch per step from ``next_batch()``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x = x
+        self._batch = Batch(x, y, per_member=False)
+
+    def next_batch(self) -> Batch:
+        return self._batch
+
+
+class FullOrbit:
+    """All ``|G| N`` samples ``(L_g x_i, y_i)``, sample-major: row ``i |G| + g`` is ``L_g x_i``."""
+
+    def __init__(self, group: Group, x: torch.Tensor, y: torch.Tensor):
+        self.x = x
+        n = x.shape[0]
+        xs = orbit(group, x).reshape(n * group.order, *x.shape[1:])
+        ys = y.repeat_interleave(group.order, dim=0)
+        self._batch = Batch(xs, ys, per_member=False)
+
+    def next_batch(self) -> Batch:
+        return self._batch
+
+
+class RandomOrbit:
+    """Each step, each member replaces each sample by ``L_g x_i`` with ``g`` uniform and fresh.
+
+    Member ``j`` draws from its own CPU generator seeded by ``seeds[j]``, one draw of ``N``
+    elements per step, so its sequence does not depend on the device or on which other
+    members share its unit.
+    """
+
+    def __init__(self, group: Group, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]):
+        self.x = x
+        self.order = group.order
+        self._orbit = orbit(group, x)  # [N, |G|, *shape], on x's device
+        self._rows = torch.arange(x.shape[0], device=x.device)
+        self._y = y
+        self._generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw(self) -> torch.Tensor:
+        """The next group elements, ``[M, N]`` (int64, CPU)."""
+        n = self._rows.numel()
+        return torch.stack([torch.randint(self.order, (n,), generator=gen) for gen in self._generators])
+
+    def next_batch(self) -> Batch:
+        g = self.draw().to(self._rows.device)
+        return Batch(self._orbit[self._rows, g], self._y, per_member=True)  # [M, N, *shape]
+
+
+Augmentation = NoAugmentation | FullOrbit | RandomOrbit
+
+
+def make_augmentation(
+    kind: str, group: Group, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int] = ()
+) -> Augmentation:
+    """The augmentation ``kind`` (``none``, ``full_orbit``, ``random``); ``seeds`` (one per member) for ``random``."""
+    if kind == "none":
+        return NoAugmentation(x, y)
+    if kind == "full_orbit":
+        return FullOrbit(group, x, y)
+    if kind == "random":
+        if not seeds:
+            raise ValueError("augmentation: random needs one seed per member")
+        return RandomOrbit(group, x, y, seeds)
+    raise ValueError(f"augmentation: unknown kind {kind!r}; use none, full_orbit or random")

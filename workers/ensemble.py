@@ -1,0 +1,179 @@
+"""A whole ensemble as one vectorised computation (torch.func).
+
+Members share one architecture and differ only in their parameters, which are stacked on
+a leading member axis (``torch.func.stack_module_state``). The forward pass is
+``vmap(functional_call)`` over that axis, and each member's own full-batch gradient is one
+``vjp`` of the vectorised forward: members do not share parameters, so the gradient of the
+summed loss with respect to member ``j``'s slice is exactly the gradient of member ``j``'s
+own loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vjp, vmap
+
+from study.seeds import member_seed
+
+# Working memory a chunk of a forward (or forward + backward) may use. Large batches are
+# split into chunks so a big eval set or a full-orbit training set never runs out of memory.
+CPU_MEMORY_BUDGET = 2 * 2**30
+CUDA_MEMORY_FRACTION = 0.5  # of the memory free when the ensemble is built
+
+
+def member_seeds(
+    study_seed: int, model_name: str, width: int, start: int, stop: int, purpose: str = "init"
+) -> list[int]:
+    """Seeds of members ``start .. stop-1`` of the (model, width) ensemble."""
+    return [member_seed(study_seed, model_name, width, j, purpose) for j in range(start, stop)]
+
+
+class Ensemble:
+    """``M`` members of one architecture, evaluated and differentiated together.
+
+    ``params`` maps each parameter name of ``module`` to a tensor ``[M, *shape]``;
+    ``module`` itself only supplies the computation (and its buffers, shared by members).
+    """
+
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor], memory_budget: int | None = None):
+        self.module = module
+        self.params = params
+        self.buffers = dict(module.named_buffers())
+        self.members = next(iter(params.values())).shape[0]
+        self._elements_per_sample: dict[tuple, int] = {}
+        self.memory_budget = memory_budget if memory_budget is not None else _default_budget(self.device)
+
+    @classmethod
+    def from_seeds(
+        cls,
+        module: nn.Module,
+        seeds: Sequence[int],
+        init: Callable[[nn.Module, int], None],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        memory_budget: int | None = None,
+    ) -> "Ensemble":
+        """Member ``j`` is ``module`` after ``init(module, seeds[j])``, run on CPU so it is device independent."""
+        module = module.to(dtype=dtype)
+        members = []
+        for seed in seeds:
+            member = copy.deepcopy(module)
+            init(member, int(seed))
+            members.append(member)
+        params, buffers = stack_module_state(members)
+        template = members[0]
+        for name, stacked in buffers.items():
+            if not all(torch.equal(stacked[j], stacked[0]) for j in range(len(members))):
+                raise ValueError(f"buffer {name} differs between members; the ensemble shares buffers")
+        params = {name: p.detach().to(device) for name, p in params.items()}
+        return cls(template.to(device), params, memory_budget)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    # ----- one member's function, vectorised over members ---------------------------
+    def _member_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, (params, self.buffers), (x,))
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, per_member: bool) -> torch.Tensor:
+        return vmap(self._member_forward, in_dims=(0, 0 if per_member else None))(params, x)
+
+    # ----- evaluation ----------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
+        """Every member's outputs, ``[M, B, n_out]``; ``x`` is ``[B, *shape]`` or (per member) ``[M, B, *shape]``."""
+        outs = [
+            self._forward(self.params, xc, per_member)
+            for xc in _chunks(x, self._chunk_size(x, per_member, backward=False), dim=1 if per_member else 0)
+        ]
+        return torch.cat(outs, dim=1)
+
+    # ----- training --------------------------------------------------------------------
+    def loss_and_grad(
+        self, x: torch.Tensor, y: torch.Tensor, per_member: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each member's loss ``(1/(2B)) sum_i ||f(x_i) - y_i||^2`` (``[M]``) and its gradient (``[M, *shape]``).
+
+        Large batches are summed chunk by chunk; the loss is over the whole batch ``B``.
+        """
+        n = x.shape[1] if per_member else x.shape[0]
+        chunk = self._chunk_size(x, per_member, backward=True)
+        dim = 1 if per_member else 0
+        loss = torch.zeros(self.members, device=self.device, dtype=self.dtype)
+        grads: dict[str, torch.Tensor] | None = None
+        for xc, yc in zip(_chunks(x, chunk, dim), _chunks(y, chunk, 0)):
+            out, pullback = vjp(lambda p: self._forward(p, xc, per_member), self.params)
+            residual = out - yc  # [M, b, n_out]
+            loss += 0.5 * residual.square().sum(dim=(1, 2)) / n
+            (g,) = pullback(residual / n)  # d loss_j / d f_j = (f_j - y) / B
+            grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+        return loss, grads
+
+    @torch.no_grad()
+    def descend(self, grads: dict[str, torch.Tensor], lr: float) -> None:
+        """One gradient-descent step on every member, in place."""
+        for name, p in self.params.items():
+            p.sub_(grads[name], alpha=lr)
+
+    # ----- single members (tests, comparisons) ------------------------------------------
+    def member(self, j: int) -> nn.Module:
+        """An ordinary module holding member ``j``'s current parameters (a copy)."""
+        module = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(self.params[name][j])
+        return module
+
+    # ----- memory -------------------------------------------------------------------------
+    def _chunk_size(self, x: torch.Tensor, per_member: bool, backward: bool) -> int:
+        """Samples per chunk so that ``M`` members' activations stay within the memory budget."""
+        shape = tuple(x.shape[2:] if per_member else x.shape[1:])
+        if shape not in self._elements_per_sample:
+            self._elements_per_sample[shape] = _activation_elements(self.module, shape, self.dtype, self.device)
+        # what autograd saves bounds a forward pass's live activations; a backward pass
+        # holds those plus their gradients, and vmap may copy inputs once more
+        factor = 3 if backward else 1
+        per_sample = self._elements_per_sample[shape] * factor * self.members * x.element_size()
+        return max(1, self.memory_budget // max(per_sample, 1))
+
+
+def _chunks(t: torch.Tensor, size: int, dim: int):
+    return torch.split(t, size, dim=dim) if t.shape[dim] > size else (t,)
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_MEMORY_FRACTION)
+    return CPU_MEMORY_BUDGET
+
+
+def _activation_elements(module: nn.Module, shape: tuple, dtype: torch.dtype, device: torch.device) -> int:
+    """Elements autograd saves per sample in one forward pass (a memory estimate).
+
+    Counted for batches of 1 and 2 samples; the difference leaves out what does not grow
+    with the batch (the weights themselves).
+    """
+
+    def saved(batch: int) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(torch.zeros((batch, *shape), dtype=dtype, device=device, requires_grad=True))
+        return total
+
+    return max(saved(2) - saved(1), int(torch.Size(shape).numel()))
