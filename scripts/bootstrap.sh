@@ -28,3 +28,9 @@ if [ -n "$extra" ]; then
 else
   .venv/bin/pip install -q -e .
 fi
+# The report test opens the HTML report in headless Chromium (Debian's package).
+if [ "$extra" = "test" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "bootstrap: could not install chromium; the report rendering test will be skipped" >&2
+fi
