@@ -1,0 +1,372 @@
+"""Finite ensembles against theory, and against each other: the analysis tables.
+
+Definitions (all per slice = (model, width, lr, step, eval set); "points" are the samples x
+orbit points x outputs of the slice; RMS is over points):
+
+- ``z = (mean - mu) / se`` with the ensemble's own standard error ``se = sqrt(var / M)``.
+  If the ensemble were drawn from the infinite-width Gaussian process, ``z`` would follow
+  Student's t with ``M - 1`` degrees of freedom; ``median_abs_z_null`` and
+  ``frac_abs_z_lt2_null`` are that reference. ``z_theory`` uses the analytic standard
+  error ``sqrt(var_theory / M)`` instead (reference: the standard normal).
+- ``rel_err = RMS(mean - mu) / scale`` with ``scale = RMS(mu)``, except at step 0 where
+  ``mu = 0`` identically (the initial function has mean zero): there the scale is the RMS
+  of the analytic standard deviation ``sqrt(var_theory)`` (the ensemble's own when the
+  theory has no variance, as for random augmentation), so ``rel_err`` at step 0 is
+  about ``1/sqrt(M)`` for a correct ensemble. ``rel_noise = RMS(se) / scale`` is the part
+  of ``rel_err`` that the finite ensemble alone explains, and
+  ``rel_bias = sqrt(max(RMS(mean - mu)^2 - RMS(se)^2, 0)) / scale`` estimates what is left
+  (``E (mean - mu)^2 = bias^2 + se^2``).
+- Convergence in width: least-squares slope of ``log rel_err`` (and ``log rel_bias``)
+  against ``log width``, per step and for the error pooled over all steps > 0.
+- Pair gaps: ``d = (mean_A - mean_B) / sqrt(se_A^2 + se_B^2)`` per point, pooled as
+  ``gap_se = RMS(mean_A - mean_B) / RMS(sqrt(se_A^2 + se_B^2))``; ``theory_gap_se`` is the
+  analytic gap ``mu_A - mu_B`` in the same units (what the ensembles would show if each were
+  exactly its infinite-width limit).
+- Orbit spread of the ensemble mean: ``RMS_g(mean(L_g x) - orbit average) / RMS(mean)``;
+  ``spread_noise`` is the spread independent errors of size ``se`` would give,
+  ``sqrt((1 - 1/|G|) RMS(se)^2) / RMS(mean)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from study.spec import ModelSpec
+
+from .empirical import POINT_KEYS
+from .theory import Theory
+
+SLICE = ["model", "width", "lr", "step", "eval_set"]
+
+
+# ----- points ----------------------------------------------------------------------------
+def add_theory(stats: pd.DataFrame, theories: dict[tuple[str, float], Theory]) -> pd.DataFrame:
+    """``stats`` with the analytic ``mu``, ``var_theory`` and the z-scores ``z``, ``z_theory``."""
+    mu = np.full(len(stats), np.nan)
+    vt = np.full(len(stats), np.nan)
+    for (model, lr, ev), idx in stats.groupby(["model", "lr", "eval_set"], sort=False).indices.items():
+        th = theories.get((model, float(lr)))
+        if th is None or not th.ok or ev not in th.mean:
+            continue
+        sub = stats.iloc[idx]
+        steps = np.asarray(th.steps)
+        si = np.searchsorted(steps, sub["step"].to_numpy())
+        mean, var = th.mean[ev], th.var[ev]
+        s, g, o = (sub[c].to_numpy() for c in ("sample", "group_element", "output"))
+        if (si >= len(steps)).any() or (steps[np.minimum(si, len(steps) - 1)] != sub["step"].to_numpy()).any() or \
+                s.max() >= mean.shape[1] or g.max() >= mean.shape[2] or o.max() >= mean.shape[3]:
+            raise ValueError(
+                f"predictions of {model} on {ev} do not match the study's inputs (steps, samples, orbit or "
+                "outputs out of range); was the results directory written by another version of the study?"
+            )
+        mu[idx] = mean[si, s, g, o]
+        vt[idx] = var[si, s, g]
+    out = stats.copy()
+    out["mu"] = mu
+    out["var_theory"] = vt
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = out["mean"].to_numpy() - mu
+        out["z"] = diff / out["se"].to_numpy()
+        out["z_theory"] = diff / np.sqrt(vt / out["members"].to_numpy())
+    return out
+
+
+def t_null(members) -> tuple[np.ndarray, np.ndarray]:
+    """Median of |t| and P(|t| < 2) for Student's t with ``members - 1`` degrees of freedom."""
+    dof = np.maximum(np.asarray(members, dtype=np.float64) - 1, 1)
+    return sps.t.ppf(0.75, dof), 2 * sps.t.cdf(2.0, dof) - 1
+
+
+def t_null_pooled(members) -> tuple[float, float]:
+    """Median of |z| and P(|z| < 2) for a pool of points whose ensembles have different sizes:
+    the mixture of Student t laws with each point's ``members - 1`` degrees of freedom."""
+    dof, counts = np.unique(np.maximum(np.asarray(members, dtype=np.float64) - 1, 1), return_counts=True)
+    if len(dof) == 0:
+        return float("nan"), float("nan")
+    w = counts / counts.sum()
+
+    def below(x):  # P(|z| < x) under the mixture
+        return float(np.sum(w * (2 * sps.t.cdf(x, dof) - 1)))
+
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda x: below(x) - 0.5, 1e-9, 100.0)), below(2.0)
+
+
+NORMAL_MEDIAN_ABS, NORMAL_FRAC_LT2 = float(sps.norm.ppf(0.75)), float(2 * sps.norm.cdf(2.0) - 1)
+
+
+def _lt(x: pd.Series, bound: float) -> pd.Series:
+    """``|x| < bound`` as 0/1, NaN where ``x`` is NaN (so means skip it)."""
+    return (x.abs() < bound).astype(float).where(x.notna())
+
+
+def _sqrt_ratio(num, den) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, np.sqrt(num / den), np.nan)
+
+
+# ----- agreement with theory -------------------------------------------------------------
+def agreement(points: pd.DataFrame) -> pd.DataFrame:
+    """One row per slice: z-score summaries, errors (with sums of squares for pooling), variance ratio."""
+    p = points
+    d = p["mean"] - p["mu"]
+    tmp = p[SLICE + ["members"]].assign(
+        err2=d**2,
+        se2=p["se"] ** 2,
+        mu2=p["mu"] ** 2,
+        std_theory2=p["var_theory"],
+        var=p["var"],
+        var_theory=p["var_theory"],
+        abs_z=p["z"].abs(),
+        z_lt2=_lt(p["z"], 2),
+        abs_z_theory=p["z_theory"].abs(),
+        z_theory_lt2=_lt(p["z_theory"], 2),
+    )
+    g = tmp.groupby(SLICE, sort=True)
+    a = g.agg(
+        n_points=("err2", "size"),
+        members=("members", "min"),
+        err_ss=("err2", "sum"),
+        se_ss=("se2", "sum"),
+        mu_ss=("mu2", "sum"),
+        std_theory_ss=("std_theory2", lambda s: s.sum(min_count=1)),
+        var_mean=("var", "mean"),
+        var_theory_mean=("var_theory", "mean"),
+        median_abs_z=("abs_z", "median"),
+        frac_abs_z_lt2=("z_lt2", "mean"),
+        median_abs_z_theory=("abs_z_theory", "median"),
+        frac_abs_z_theory_lt2=("z_theory_lt2", "mean"),
+    ).reset_index()
+    a["time"] = a["lr"] * a["step"]
+    a["median_abs_z_null"], a["frac_abs_z_lt2_null"] = t_null(a["members"])
+    a["var_ratio"] = a["var_mean"] / a["var_theory_mean"]
+    return _relative_errors(a)
+
+
+def _relative_errors(a: pd.DataFrame) -> pd.DataFrame:
+    """Add ``scale``, ``rel_err``, ``rel_noise``, ``rel_bias`` to rows with err_ss, se_ss, mu_ss, std_theory_ss."""
+    n = a["n_points"].to_numpy(np.float64)
+    at_init = (a["step"] == 0).to_numpy() if "step" in a else np.zeros(len(a), bool)
+    std_ss = a["std_theory_ss"].to_numpy(np.float64)
+    # where the theory has no variance (random augmentation) fall back to the ensemble's
+    std_ss = np.where(np.isfinite(std_ss), std_ss, a["var_mean"].to_numpy(np.float64) * n)
+    scale_ss = np.where(at_init, std_ss, a["mu_ss"].to_numpy(np.float64))
+    a["scale"] = np.sqrt(scale_ss / n)
+    a["scale_kind"] = np.where(at_init, "analytic std (mu = 0 at step 0)", "RMS(mu)")
+    a["err_rms"] = np.sqrt(a["err_ss"] / n)
+    a["se_rms"] = np.sqrt(a["se_ss"] / n)
+    a["rel_err"] = _sqrt_ratio(a["err_ss"], scale_ss)
+    a["rel_noise"] = _sqrt_ratio(a["se_ss"], scale_ss)
+    a["rel_bias"] = _sqrt_ratio(np.maximum(a["err_ss"] - a["se_ss"], 0.0), scale_ss)
+    return a
+
+
+def pooled_errors(agr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Relative errors pooled over all steps > 0 (and whatever ``by`` leaves out)."""
+    a = agr[agr["step"] > 0]
+    s = a.groupby(by, sort=True).agg(
+        n_points=("n_points", "sum"),
+        members=("members", "min"),
+        err_ss=("err_ss", "sum"),
+        se_ss=("se_ss", "sum"),
+        mu_ss=("mu_ss", "sum"),
+        std_theory_ss=("std_theory_ss", "sum"),
+        var_mean=("var_mean", "mean"),
+    ).reset_index()
+    return _relative_errors(s)
+
+
+# ----- convergence in width --------------------------------------------------------------
+def fit_slope(widths, values) -> float:
+    """Least-squares slope of log(value) against log(width); NaN unless >= 2 widths with positive values."""
+    w, v = np.asarray(widths, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v) & (v > 0)
+    if ok.sum() < 2 or len(np.unique(w[ok])) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(w[ok]), np.log(v[ok]), 1)[0])
+
+
+def convergence(agr: pd.DataFrame) -> pd.DataFrame:
+    """Slopes of the relative error against width per (model, lr, eval set) and step;
+    rows with ``step`` missing pool all steps > 0."""
+    per_step = agr[["model", "lr", "eval_set", "step", "width", "rel_err", "rel_bias", "rel_noise"]]
+    pooled = pooled_errors(agr, ["model", "lr", "eval_set", "width"]).assign(step=pd.NA)
+    rows = []
+    for frame in (per_step, pooled[per_step.columns]):
+        for key, g in frame.groupby(["model", "lr", "eval_set", "step"], sort=True, dropna=False):
+            g = g.sort_values("width")
+            rows.append(dict(
+                zip(["model", "lr", "eval_set", "step"], key),
+                widths=" ".join(map(str, g["width"])),
+                n_widths=len(g),
+                slope_err=fit_slope(g["width"], g["rel_err"]),
+                slope_bias=fit_slope(g["width"], g["rel_bias"]),
+                rel_err_smallest=g["rel_err"].iloc[0],
+                rel_err_largest=g["rel_err"].iloc[-1],
+                rel_noise_largest=g["rel_noise"].iloc[-1],
+            ))
+    out = pd.DataFrame(rows)
+    out["step"] = out["step"].astype("Int64")
+    return out
+
+
+# ----- emergent invariance ---------------------------------------------------------------
+def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
+    """Orbit spread of each ensemble's mean (and of the analytic mean) per slice."""
+    orbit = SLICE + ["sample", "output"]
+    g = points.groupby(orbit, sort=False)
+    dev = points["mean"] - g["mean"].transform("mean")
+    dev_mu = points["mu"] - g["mu"].transform("mean")
+    tmp = points[SLICE + ["group_element"]].assign(
+        dev2=dev**2, m2=points["mean"] ** 2, se2=points["se"] ** 2, dev_mu2=dev_mu**2, mu2=points["mu"] ** 2
+    )
+    a = tmp.groupby(SLICE, sort=True).agg(
+        order=("group_element", "nunique"),
+        n_points=("dev2", "size"),
+        dev_ss=("dev2", "sum"),
+        mean_ss=("m2", "sum"),
+        se_ss=("se2", "sum"),
+        dev_mu_ss=("dev_mu2", "sum"),
+        mu_ss=("mu2", "sum"),
+    ).reset_index()
+    a["time"] = a["lr"] * a["step"]
+    return _spreads(a)
+
+
+def _spreads(a: pd.DataFrame) -> pd.DataFrame:
+    a["spread"] = _sqrt_ratio(a["dev_ss"], a["mean_ss"])
+    a["spread_noise"] = _sqrt_ratio((1 - 1 / a["order"]) * a["se_ss"], a["mean_ss"])
+    a["theory_spread"] = _sqrt_ratio(a["dev_mu_ss"], a["mu_ss"])
+    return a
+
+
+def pooled_spread(spr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    s = spr[spr["step"] > 0].groupby(by, sort=True).agg(
+        order=("order", "max"),
+        n_points=("n_points", "sum"),
+        dev_ss=("dev_ss", "sum"),
+        mean_ss=("mean_ss", "sum"),
+        se_ss=("se_ss", "sum"),
+        dev_mu_ss=("dev_mu_ss", "sum"),
+        mu_ss=("mu_ss", "sum"),
+    ).reset_index()
+    return _spreads(s)
+
+
+# ----- pairs of models -------------------------------------------------------------------
+def model_pairs(specs: list[ModelSpec]) -> list[dict]:
+    """The comparisons THEORY section 6 predicts something about.
+
+    - ``augmentation``: an augmented mlp/cnn (full_orbit or random) and each GCNN of the same
+      group (mlp <-> group_mlp, cnn <-> gcnn; any support or basis).
+    - ``gcnn``: two GCNNs of the same arch and group that differ in support or basis (the
+      canonical one second when only one is canonical).
+    """
+    pairs = []
+    partner = {"mlp": "group_mlp", "cnn": "gcnn"}
+    for a in specs:
+        if a.arch in partner and a.augmentation != "none":
+            for b in specs:
+                if b.arch == partner[a.arch] and b.group == a.group:
+                    pairs.append(dict(a=a.name, b=b.name, kind="augmentation"))
+    eq = [s for s in specs if s.equivariant]
+    for i, a in enumerate(eq):
+        for b in eq[i + 1:]:
+            if a.arch == b.arch and a.group == b.group:
+                if a.basis == "canonical" and b.basis != "canonical":
+                    a, b = b, a
+                pairs.append(dict(a=a.name, b=b.name, kind="gcnn"))
+    return pairs
+
+
+def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
+    """Gap between the ensemble means of each pair, per (width, lr, step, eval set); widths matched."""
+    keys = [k for k in POINT_KEYS if k != "model"]
+    cols = keys + ["mean", "se", "mu", "members"]
+    by_model = {m: g[cols] for m, g in points.groupby("model", sort=False)}
+    frames = []
+    for pr in pairs:
+        if pr["a"] not in by_model or pr["b"] not in by_model:
+            continue
+        j = by_model[pr["a"]].merge(by_model[pr["b"]], on=keys, suffixes=("_a", "_b"))
+        if j.empty:
+            continue
+        diff = j["mean_a"] - j["mean_b"]
+        comb2 = j["se_a"] ** 2 + j["se_b"] ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dz = diff / np.sqrt(comb2)
+        tmp = j[["width", "lr", "step", "eval_set"]].assign(
+            members_a=j["members_a"], members_b=j["members_b"],
+            diff2=diff**2, comb2=comb2, mu_diff2=(j["mu_a"] - j["mu_b"]) ** 2,
+            mu_norm2=0.5 * (j["mu_a"] ** 2 + j["mu_b"] ** 2),
+            abs_d=dz.abs(), d_lt3=_lt(dz, 3),
+        )
+        a = tmp.groupby(["width", "lr", "step", "eval_set"], sort=True).agg(
+            members_a=("members_a", "min"), members_b=("members_b", "min"), n_points=("diff2", "size"),
+            diff_ss=("diff2", "sum"), comb_ss=("comb2", "sum"), mu_diff_ss=("mu_diff2", "sum"),
+            mu_ss=("mu_norm2", "sum"), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
+        ).reset_index()
+        a.insert(0, "kind", pr["kind"])
+        a.insert(0, "b", pr["b"])
+        a.insert(0, "a", pr["a"])
+        frames.append(a)
+    if not frames:
+        return pd.DataFrame(columns=["a", "b", "kind", "width", "lr", "step", "eval_set", "gap_se", "theory_gap_se"])
+    out = pd.concat(frames, ignore_index=True)
+    out["time"] = out["lr"] * out["step"]
+    return _gaps(out)
+
+
+def _gaps(a: pd.DataFrame) -> pd.DataFrame:
+    a["gap_se"] = _sqrt_ratio(a["diff_ss"], a["comb_ss"])
+    a["theory_gap_se"] = _sqrt_ratio(a["mu_diff_ss"], a["comb_ss"])
+    a["rel_gap"] = _sqrt_ratio(a["diff_ss"], a["mu_ss"])
+    a["theory_rel_gap"] = _sqrt_ratio(a["mu_diff_ss"], a["mu_ss"])
+    return a
+
+
+def pooled_gaps(gaps: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Pair gaps pooled over all steps > 0 (and whatever ``by`` leaves out)."""
+    s = gaps[gaps["step"] > 0].groupby(by, sort=True).agg(
+        n_points=("n_points", "sum"), diff_ss=("diff_ss", "sum"), comb_ss=("comb_ss", "sum"),
+        mu_diff_ss=("mu_diff_ss", "sum"), mu_ss=("mu_ss", "sum"),
+        members_a=("members_a", "min"), members_b=("members_b", "min"),
+    ).reset_index()
+    return _gaps(s)
+
+
+# ----- all tables --------------------------------------------------------------------------
+def spec_table(specs: list[ModelSpec], widths: dict[str, list[int]]) -> pd.DataFrame:
+    return pd.DataFrame([
+        dict(model=s.name, arch=s.arch, group=s.group, depth=s.depth, support=s.support if s.equivariant else "",
+             basis=s.basis if s.equivariant else "", augmentation=s.augmentation,
+             widths=" ".join(map(str, widths[s.name])))
+        for s in specs
+    ])
+
+
+def build_tables(stats: pd.DataFrame, theories: dict, specs: list[ModelSpec],
+                 widths: Optional[dict[str, list[int]]] = None) -> dict[str, pd.DataFrame]:
+    """Every analysis table from the ensemble statistics and the analytic predictions."""
+    points = add_theory(stats, theories)
+    agr = agreement(points)
+    widths = widths or {s.name: sorted(points.loc[points["model"] == s.name, "width"].unique()) for s in specs}
+    return dict(
+        models=spec_table(specs, widths),
+        points=points,
+        agreement=agr,
+        convergence=convergence(agr),
+        invariance=orbit_spread(points),
+        pairs=pair_gaps(points, model_pairs(specs)),
+        theory=pd.DataFrame([
+            dict(model=t.model, lr=t.lr, status="ok" if t.ok else "unavailable", error=t.error or "",
+                 seconds=round(t.seconds, 3), cached=t.cached)
+            for t in theories.values()
+        ], columns=["model", "lr", "status", "error", "seconds", "cached"]),
+    )

@@ -1,0 +1,94 @@
+"""``eqntk analyze`` and ``eqntk report``: from a results directory to tables, plots and verdicts.
+
+    analyze(DIR)  ensemble statistics (empirical), analytic predictions (theory, cached),
+                  comparisons (compare) -> DIR/analysis/<table>.parquet and .csv
+    report(DIR)   plots, summary and verdicts (report) -> DIR/report/index.html
+
+``report`` reuses the tables of the last ``analyze`` when the units they were built from
+have not changed since, and re-analyses otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+
+from study.store import ResultStore
+
+from . import compare, empirical, theory
+
+TABLES = ["models", "units", "theory", "points", "agreement", "convergence", "invariance", "pairs"]
+# The per-point table can be large (steps x sets x samples x orbit x outputs per ensemble):
+# Parquet only. Every other table is small and also written as CSV.
+NO_CSV = {"points"}
+MANIFEST = "manifest.json"
+
+
+def analysis_dir(out: Path) -> Path:
+    return Path(out) / "analysis"
+
+
+def _unit_states(out: Path) -> dict[str, str]:
+    units = empirical.unit_table(out)
+    return dict(zip(units["unit_id"], units["state"]))
+
+
+def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, log=print) -> dict[str, pd.DataFrame]:
+    """Compute and write every analysis table; returns them."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    cfg = empirical.study_config(out)
+    specs = cfg.model_specs
+    stats, units = empirical.load_ensembles(out)
+    t1 = time.perf_counter()
+    theories = theory.study_theory(out, kernel_fn=kernel_fn, log=log)
+    t2 = time.perf_counter()
+    tables = compare.build_tables(stats, theories, specs, {s.name: cfg.widths_of(s.name) for s in specs})
+    tables["units"] = units
+    t3 = time.perf_counter()
+    d = analysis_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in TABLES:
+        df = tables[name]
+        df.to_parquet(d / f"{name}.parquet", index=False)
+        if name not in NO_CSV:
+            df.to_csv(d / f"{name}.csv", index=False)
+    manifest = dict(
+        units=dict(zip(units["unit_id"], units["state"])),
+        seconds=dict(read=round(t1 - t0, 2), theory=round(t2 - t1, 2), compare=round(t3 - t2, 2),
+                     total=round(time.perf_counter() - t0, 2)),
+    )
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    log(f"analysis: {d} ({manifest['seconds']['total']:.1f} s: read {manifest['seconds']['read']:.1f}, "
+        f"theory {manifest['seconds']['theory']:.1f}, compare {manifest['seconds']['compare']:.1f})")
+    return tables
+
+
+def load_tables(out: Path) -> Optional[dict[str, pd.DataFrame]]:
+    """The tables of the last ``analyze``, or None when they are missing or the units changed since."""
+    d = analysis_dir(out)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        if manifest.get("units") != _unit_states(out):
+            return None
+        return {name: pd.read_parquet(d / f"{name}.parquet") for name in TABLES}
+    except (OSError, ValueError):
+        return None
+
+
+def report(out: Path, *, kernel_fn: Optional[Callable] = None, log=print) -> Path:
+    """Write ``DIR/report/index.html`` with its plots and summary; returns its path."""
+    from . import report as rep
+
+    out = Path(out)
+    tables = load_tables(out)
+    if tables is None:
+        tables = analyze(out, kernel_fn=kernel_fn, log=log)
+    t0 = time.perf_counter()
+    page = rep.write_report(out, tables, ResultStore(out).resolved_study())
+    log(f"report: {page} ({time.perf_counter() - t0:.1f} s)")
+    return page
