@@ -2,41 +2,29 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch import nn
 
+from study.spec import ModelSpec
 from workers.ensemble import Ensemble, member_seeds
+from workers.models import build_model, init_parameters
 
 
-class StandInMLP(nn.Module):
-    """NTK-parameterised ReLU MLP (docs/models.md, ``mlp``), a stand-in until workers.models lands."""
-
-    def __init__(self, d: int, width: int, n_out: int, depth: int = 2):
-        super().__init__()
-        sizes = [d] + [width] * depth + [n_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, x):
-        h = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            h = layer.weight.shape[1] ** -0.5 * h @ layer.weight.T + 0.1 * layer.bias
-            if i < len(self.layers) - 1:
-                h = torch.relu(h)
-        return h
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster and is not stalled by other jobs on the same cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
-def stand_in_init(module: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+MLP = ModelSpec(name="mlp", arch="mlp", depth=2, sigma_b=0.1)
 
 
-def make_ensemble(seeds, dtype=torch.float64, width=32, memory_budget=None):
-    return Ensemble.from_seeds(StandInMLP(12, width, 3), seeds, stand_in_init, "cpu", dtype, memory_budget)
+def make_ensemble(seeds, dtype=torch.float64, width=32, memory_budget=None, spec=MLP, shape=(1, 4, 4)):
+    module = build_model(spec, width, shape, 3)
+    return Ensemble.from_seeds(module, seeds, init_parameters, "cpu", dtype, memory_budget)
 
 
 def loop_loss_and_grad(module, x, y):
@@ -49,7 +37,7 @@ def loop_loss_and_grad(module, x, y):
 @pytest.fixture
 def data():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 1, 3, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(40, 1, 4, 4, generator=gen, dtype=torch.float64)
     y = torch.randn(40, 3, generator=gen, dtype=torch.float64)
     return x, y
 
@@ -63,8 +51,7 @@ def test_members_are_initialised_by_their_seeds():
     seeds = [3, 5, 11]
     ens = make_ensemble(seeds)
     for j, seed in enumerate(seeds):
-        ref = StandInMLP(12, 32, 3).double()
-        stand_in_init(ref, seed)
+        ref = init_parameters(build_model(MLP, 32, (1, 4, 4), 3).double(), seed)
         for name, p in ref.named_parameters():
             assert torch.equal(ens.params[name][j], p.detach())
 
@@ -79,6 +66,31 @@ def test_vectorised_forward_and_gradient_equal_a_loop(data):
         ref_loss, ref_grads = loop_loss_and_grad(member, x, y)
         # float64 round-off: batched and plain matmuls may sum in another order (~1e-16 relative)
         torch.testing.assert_close(preds[j], member(x).detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss[j], ref_loss, rtol=1e-12, atol=1e-12)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name][j], ref_grads[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec(name="cnn", arch="cnn", padding="zero", readout="flatten", sigma_b=0.3),
+        ModelSpec(name="gcnn_id", arch="gcnn", support="identity", sigma_b=0.3),
+        ModelSpec(name="gcnn_d4", arch="gcnn", group="D4", support="full"),
+        ModelSpec(name="gcnn_escnn", arch="gcnn", group="C8", basis="escnn"),
+        ModelSpec(name="group_mlp", arch="group_mlp", support="full", sigma_b=0.3),
+    ],
+    ids=lambda s: s.name,
+)
+def test_every_architecture_vectorises_like_a_loop(spec):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    ens = make_ensemble([1, 2], width=4, spec=spec, shape=(2, 5, 5))
+    loss, grads = ens.loss_and_grad(x, y)
+    for j in range(2):
+        ref_loss, ref_grads = loop_loss_and_grad(ens.member(j), x, y)
+        # float64 round-off of batched against plain convolutions and filter expansions
         torch.testing.assert_close(loss[j], ref_loss, rtol=1e-12, atol=1e-12)
         for name in ref_grads:
             torch.testing.assert_close(grads[name][j], ref_grads[name], rtol=1e-12, atol=1e-12)

@@ -1,7 +1,7 @@
 """A whole ensemble as one vectorised computation (torch.func).
 
 Members share one architecture and differ only in their parameters, which are stacked on
-a leading member axis (``torch.func.stack_module_state``). The forward pass is
+a leading member axis. The forward pass is
 ``vmap(functional_call)`` over that axis, and each member's own full-batch gradient is one
 ``vjp`` of the vectorised forward: members do not share parameters, so the gradient of the
 summed loss with respect to member ``j``'s slice is exactly the gradient of member ``j``'s
@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vjp, vmap
+from torch.func import functional_call, vjp, vmap
 
 from study.seeds import member_seed
 
@@ -57,20 +57,26 @@ class Ensemble:
         dtype: torch.dtype = torch.float32,
         memory_budget: int | None = None,
     ) -> "Ensemble":
-        """Member ``j`` is ``module`` after ``init(module, seeds[j])``, run on CPU so it is device independent."""
+        """Member ``j`` is ``module`` after ``init(module, seeds[j])``.
+
+        Initialisation runs where ``build_model`` put the module (the CPU), so members are
+        the same numbers on every device. The one module is re-initialised per member and
+        its parameters stacked (what ``torch.func.stack_module_state`` does, without
+        copying the module: escnn modules carry large shared objects).
+        """
         module = module.to(dtype=dtype)
-        members = []
+        snapshots = []
+        reference_buffers = None
         for seed in seeds:
-            member = copy.deepcopy(module)
-            init(member, int(seed))
-            members.append(member)
-        params, buffers = stack_module_state(members)
-        template = members[0]
-        for name, stacked in buffers.items():
-            if not all(torch.equal(stacked[j], stacked[0]) for j in range(len(members))):
-                raise ValueError(f"buffer {name} differs between members; the ensemble shares buffers")
-        params = {name: p.detach().to(device) for name, p in params.items()}
-        return cls(template.to(device), params, memory_budget)
+            init(module, int(seed))
+            snapshots.append({n: p.detach().clone() for n, p in module.named_parameters()})
+            buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+            if reference_buffers is None:
+                reference_buffers = buffers
+            elif any(not torch.equal(b, reference_buffers[n]) for n, b in buffers.items()):
+                raise ValueError("init changed a buffer between members; the ensemble shares buffers")
+        params = {n: torch.stack([snap[n] for snap in snapshots]).to(device) for n in snapshots[0]}
+        return cls(module.to(device), params, memory_budget)
 
     @property
     def device(self) -> torch.device:

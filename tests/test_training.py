@@ -1,0 +1,228 @@
+"""Augmentation, gradient-descent training with orbit logging, and whole work units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from study.data import StudyData
+from study.grid import UnitSpec
+from study.groups import Group
+from study.spec import ModelSpec
+from workers.augment import FullOrbit, RandomOrbit, make_augmentation, orbit
+from workers.ensemble import Ensemble, member_seeds
+from workers.models import build_model, init_parameters
+from workers.train import orbit_inputs, train_gd
+from workers.unit import run_unit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster and is not stalled by other jobs on the same cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+class MemoryWriter:
+    """Keeps every ``log`` call, in order."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, str, np.ndarray]] = []
+
+    def log(self, step, eval_set, preds):
+        self.calls.append((step, eval_set, np.array(preds)))
+
+    def at(self, step, eval_set):
+        (p,) = [p for s, e, p in self.calls if s == step and e == eval_set]
+        return p
+
+
+def images(n, seed, size=4, channels=1):
+    return np.random.default_rng(seed).standard_normal((n, channels, size, size))
+
+
+def study_data(n=12, n_out=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return StudyData(
+        train_x=images(n, seed),
+        train_y=rng.standard_normal((n, n_out)),
+        eval_sets={"test": images(5, seed + 1)},
+    )
+
+
+def unit(model: ModelSpec, start=0, stop=4, lr=0.5, steps=12, log_steps=(0, 5, 12), dtype="float64"):
+    return UnitSpec(
+        unit_id="u",
+        study_seed=3,
+        model=model,
+        width=16,
+        member_start=start,
+        member_stop=stop,
+        lr=lr,
+        steps=steps,
+        log_steps=list(log_steps),
+        dtype=dtype,
+        device="cpu",
+        store_members=True,
+    )
+
+
+MLP = ModelSpec(name="mlp", arch="mlp", group="C4", depth=2)
+
+
+# ----- augmentation ------------------------------------------------------------------
+@pytest.mark.parametrize("group, shape", [("C4", (2, 4, 4)), ("D4", (1, 3, 3)), ("D3", (2, 6))])
+def test_full_orbit_has_every_transformed_sample_with_its_target(group, shape):
+    g = Group.parse(group)
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(10.0).reshape(5, 2)
+    batch = FullOrbit(g, x, y).next_batch()
+    assert batch.x.shape == (5 * g.order, *shape) and batch.y.shape == (5 * g.order, 2)
+    act = g.act_image if len(shape) == 3 else g.act_ring
+    for i in range(5):
+        for e in range(g.order):
+            assert torch.equal(batch.x[i * g.order + e], act(x[i], e))
+            assert torch.equal(batch.y[i * g.order + e], y[i])
+
+
+def test_random_orbit_is_seeded_per_member_and_stays_in_the_orbit():
+    g = Group.parse("D4")
+    x = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(6, 1)
+    seeds = member_seeds(0, "m", 8, 0, 3, purpose="augment")
+    a, b = RandomOrbit(g, x, y, seeds), RandomOrbit(g, x, y, seeds)
+    alone = RandomOrbit(g, x, y, seeds[2:])  # member 2 in a unit of its own
+    orbits = orbit(g, x)
+    draws = []
+    for _ in range(4):
+        ba, bb, bc = a.next_batch(), b.next_batch(), alone.next_batch()
+        assert ba.per_member and ba.x.shape == (3, 6, 1, 4, 4)
+        assert torch.equal(ba.x, bb.x) and torch.equal(ba.x[2], bc.x[0])
+        for j in range(3):
+            for i in range(6):
+                assert any(torch.equal(ba.x[j, i], orbits[i, e]) for e in range(g.order))
+        draws.append(ba.x)
+    assert not torch.equal(draws[0], draws[1])  # fresh elements each step
+    assert not torch.equal(draws[0][0], draws[0][1])  # and each member
+
+
+def test_random_draws_cover_the_group_uniformly():
+    g = Group.parse("C4")
+    aug = RandomOrbit(g, torch.zeros(1000, 1, 2, 2), torch.zeros(1000, 1), [1, 2])
+    counts = np.bincount(aug.draw().reshape(-1).numpy(), minlength=4)
+    # 2000 draws, 500 expected per element, sd ~19: 5 sd
+    assert np.all(np.abs(counts - 500) < 100)
+
+
+def test_unknown_augmentation_is_named():
+    with pytest.raises(ValueError, match="augmentation"):
+        make_augmentation("mixup", Group.parse("C4"), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1))
+
+
+# ----- training ----------------------------------------------------------------------
+def mlp_ensemble(spec=MLP, seeds=(1, 2, 3), width=16, shape=(1, 4, 4), n_out=2):
+    module = build_model(spec, width, shape, n_out)
+    return Ensemble.from_seeds(module, list(seeds), init_parameters, "cpu", torch.float64)
+
+
+def test_small_learning_rate_decreases_every_members_loss_monotonically():
+    data = study_data()
+    x, y = torch.as_tensor(data.train_x), torch.as_tensor(data.train_y)
+    ens = mlp_ensemble()
+    result = train_gd(ens, make_augmentation("none", MLP.group_obj, x, y), 0.05, 200, [0, 200], {}, MemoryWriter())
+    assert result.status == "done" and result.steps_reached == 200
+    steps = np.diff(result.losses, axis=0)
+    assert np.all(steps < 0), "GD at a small learning rate must decrease each member's loss"
+    assert np.all(result.losses[-1] < 0.7 * result.losses[0])
+
+
+def test_logs_orbit_predictions_of_each_member_in_step_order():
+    data = study_data()
+    g = MLP.group_obj
+    x, y = torch.as_tensor(data.train_x), torch.as_tensor(data.train_y)
+    ens = mlp_ensemble()
+    initial = {name: [ens.member(j) for j in range(3)] for name in ("train",)}
+    evals = {"train": orbit_inputs(g, x), "test": orbit_inputs(g, torch.as_tensor(data.eval_sets["test"]))}
+    writer = MemoryWriter()
+    train_gd(ens, make_augmentation("none", g, x, y), 0.1, 7, [0, 3, 7], evals, writer)
+    assert [(s, e) for s, e, _ in writer.calls] == [(s, e) for s in (0, 3, 7) for e in ("train", "test")]
+    assert writer.at(3, "test").shape == (3, 5, 4, 2)
+    p0 = writer.at(0, "train")
+    for j, member in enumerate(initial["train"]):
+        for e in range(g.order):
+            # the initial function on L_e x: the same float64 computation, batched differently
+            np.testing.assert_allclose(p0[j, :, e], member(g.act_image(x, e)).detach().numpy(), rtol=1e-12, atol=1e-12)
+    # the final log is the trained ensemble
+    np.testing.assert_allclose(writer.at(7, "train")[:, :, 0], ens.predict(x).numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_huge_learning_rate_diverges_and_reports_the_last_finite_step():
+    data = study_data()
+    x, y = torch.as_tensor(data.train_x), torch.as_tensor(data.train_y)
+    writer = MemoryWriter()
+    ens = mlp_ensemble()
+    result = train_gd(ens, make_augmentation("none", MLP.group_obj, x, y), 1e6, 500, [0, 1, 400, 500], {"train": orbit_inputs(MLP.group_obj, x)}, writer)
+    assert result.status == "diverged"
+    assert 0 < result.steps_reached < 400
+    assert np.all(np.isfinite(result.losses)) and len(result.losses) == result.steps_reached + 1
+    assert {s for s, _, _ in writer.calls} == {0, 1}  # nothing logged past divergence
+    assert all(np.isfinite(p).all() for _, _, p in writer.calls)
+
+
+# ----- whole units -----------------------------------------------------------------------
+def run(u, data):
+    writer = MemoryWriter()
+    outcome = run_unit(u, data, writer)
+    return outcome, writer
+
+
+def test_unit_logs_train_and_eval_sets_and_reports():
+    data = study_data()
+    outcome, writer = run(unit(MLP), data)
+    assert outcome.status == "done" and outcome.steps_reached == 12 and outcome.device == "cpu"
+    assert [(s, e) for s, e, _ in writer.calls] == [(s, e) for s in (0, 5, 12) for e in ("train", "test")]
+    assert writer.at(5, "train").shape == (4, 12, 4, 2)
+    assert writer.at(5, "train").dtype == np.float64
+
+
+def test_unit_is_deterministic():
+    data = study_data()
+    spec = MLP.model_copy(update={"augmentation": "random"})
+    _, a = run(unit(spec, dtype="float32"), data)
+    _, b = run(unit(spec, dtype="float32"), data)
+    for (sa, ea, pa), (sb, eb, pb) in zip(a.calls, b.calls, strict=True):
+        assert (sa, ea) == (sb, eb) and np.array_equal(pa, pb)
+
+
+@pytest.mark.parametrize("augmentation", ["none", "full_orbit", "random"])
+def test_members_do_not_depend_on_how_units_split_them(augmentation):
+    data = study_data()
+    spec = MLP.model_copy(update={"augmentation": augmentation})
+    _, whole = run(unit(spec, 0, 4), data)
+    _, first = run(unit(spec, 0, 2), data)
+    _, second = run(unit(spec, 2, 4), data)
+    for (s, e, p), (_, _, p1), (_, _, p2) in zip(whole.calls, first.calls, second.calls, strict=True):
+        # exact: every member's slice of a batched computation is computed on its own
+        assert np.array_equal(p, np.concatenate([p1, p2])), (s, e)
+
+
+def test_full_orbit_unit_mean_is_more_invariant_than_no_augmentation():
+    """Emergent invariance (THEORY 6): the full-orbit ensemble's training pulls orbits together."""
+    data = study_data(n=8)
+    base = unit(MLP, 0, 8, lr=1.0, steps=150, log_steps=(0, 150))
+    spread = {}
+    for aug in ("none", "full_orbit"):
+        _, w = run(base.model_copy(update={"model": MLP.model_copy(update={"augmentation": aug})}), data)
+        p = w.at(150, "train")  # [M, n, |G|, out]
+        spread[aug] = np.abs(p - p[:, :, :1]).mean()
+    assert spread["full_orbit"] < 0.5 * spread["none"]
+
+
+def test_reserved_eval_set_name_is_refused():
+    data = study_data()
+    data.eval_sets["train"] = data.train_x
+    with pytest.raises(ValueError, match="eval_sets"):
+        run_unit(unit(MLP), data, MemoryWriter())
