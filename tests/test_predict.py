@@ -299,3 +299,25 @@ def test_blocked_kernel_on_ray(ray_local, spec):
     kf = blocked_kernel_fn(block_size=4, engine=relu_engine)(spec, (2, 3, 3), 1)
     cross = kf(x2, x1, get="ntk")
     np.testing.assert_allclose(cross["ntk"], relu_kernels(x2, x1)["ntk"], rtol=1e-14, atol=0)
+
+
+def test_blocked_kernel_with_the_kernel_engine(ray_local):
+    kernels = pytest.importorskip("analysis.kernels")
+    from analysis.predict import predict_as_trained
+    from study.spec import ModelSpec
+
+    spec = ModelSpec(name="c", arch="cnn", depth=2, group="C4", sigma_w=SW, sigma_b=SB, augmentation="full_orbit")
+    plain = spec.model_copy(update={"augmentation": "none"})
+    rng = np.random.default_rng(4)
+    x, xt = rng.standard_normal((7, 1, 4, 4)), rng.standard_normal((5, 1, 4, 4))
+    y = rng.standard_normal((7, 2))
+    whole = kernels.kernel_fn(plain, (1, 4, 4), 2)(x)
+    blocked = blocked_kernel(plain, (1, 4, 4), 2, x, block_size=3)  # default engine, on Ray
+    for g in ("nngp", "ntk"):
+        # the engine computes each pair independently: blocking changes only rounding order
+        np.testing.assert_allclose(blocked[g], whole[g], rtol=1e-13, atol=0)
+    # the blocked factory drops into predict_as_trained (28 augmented samples, blocks of 8)
+    direct = predict_as_trained(spec, x, y, xt, times=[1.0, 30.0])
+    via_ray = predict_as_trained(spec, x, y, xt, times=[1.0, 30.0], kernel_fn=blocked_kernel_fn(block_size=8))
+    np.testing.assert_allclose(via_ray.mean, direct.mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(via_ray.variance, direct.variance, rtol=0, atol=1e-12)
