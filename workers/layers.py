@@ -69,11 +69,15 @@ class FilterExpansion(nn.Module):
         super().__init__()
         self.dim = basis.dim
         self.order = basis.out_size
+        # buffers hold the unscaled basis (escnn's float32 samples are then exact in float32
+        # and in float64); the scale s multiplies the expanded filter
+        self.scale = float(basis.scale)
         idx, val = basis.sparse
         entries = idx.reshape(self.order, -1, idx.shape[-1]).shape[1]
         self.gather = idx.shape[-1] == 1
         if self.gather:
             self.register_buffer("index", torch.as_tensor(idx.reshape(self.order, entries)), persistent=False)
+            val = val / basis.scale
             self.unit = bool((val[idx < self.dim] == 1).all())
             if not self.unit:
                 self.register_buffer("value", torch.as_tensor(val.reshape(self.order, entries), dtype=torch.float32), persistent=False)
@@ -81,7 +85,7 @@ class FilterExpansion(nn.Module):
             placed = []
             for i, (elements, ents, small) in enumerate(basis.blocks):
                 self.register_buffer(f"elements{i}", torch.as_tensor(elements), persistent=False)
-                self.register_buffer(f"small{i}", torch.as_tensor(small, dtype=torch.float32), persistent=False)
+                self.register_buffer(f"small{i}", torch.as_tensor(small / basis.scale, dtype=torch.float32), persistent=False)
                 placed.append(torch.as_tensor(ents).reshape(-1))
             self.n_blocks = len(placed)
             # entry e of the filter sits at column inverse[e] of the concatenated blocks
@@ -94,13 +98,16 @@ class FilterExpansion(nn.Module):
             f = padded[:, :, self.index]  # [O, C, G, E]
             if not self.unit:
                 f = f * self.value.to(theta.dtype)
-            return f.transpose(1, 2)
+            return self._scaled(f.transpose(1, 2))
         parts = []
         for i in range(self.n_blocks):
             elements, small = getattr(self, f"elements{i}"), getattr(self, f"small{i}").to(theta.dtype)
             part = torch.einsum("ocnj,jgs->ogcns", theta[:, :, elements], small)
             parts.append(part.reshape(O, self.order, C, -1))
-        return torch.cat(parts, dim=-1).index_select(-1, self.inverse)
+        return self._scaled(torch.cat(parts, dim=-1).index_select(-1, self.inverse))
+
+    def _scaled(self, f: torch.Tensor) -> torch.Tensor:
+        return f if self.scale == 1.0 else f * self.scale
 
 
 class NTKDense(nn.Module):
