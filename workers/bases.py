@@ -44,7 +44,7 @@ class BlockBasis:
     without base space; already multiplied by ``scale``.
     ``index`` (canonical only): same shape as one basis element, the ``j`` whose one-hot
     pattern covers each filter entry, ``-1`` where every element is zero; the finite layers
-    expand canonical filters by this gather instead of the (equal, costlier) einsum.
+    expand canonical filters by this gather instead of the (equal, slower) einsum.
     ``fan_in_per_field``: weights feeding one output unit per input field (taps x support
     for canonical, channels x taps for escnn, docs/models.md); ``fan_in(c)`` for ``c`` fields.
     """
@@ -75,24 +75,6 @@ class BlockBasis:
 
     def fan_in(self, in_fields: int) -> int:
         return in_fields * self.fan_in_per_field
-
-    @cached_property
-    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(idx, val)``, each ``[|G|, in_size, (k, k), T]``: filter entry ``e`` is
-        ``sum_t theta[idx[e, t]] * val[e, t]`` (``idx = D`` pads with a zero coefficient).
-
-        ``T`` is the most basis elements touching one entry: 1 for canonical bases, about
-        ``|G|`` for escnn's permutation-representation lift, close to ``D`` for escnn convs.
-        """
-        flat = self.tensor.reshape(self.dim, -1)
-        nz = flat != 0
-        T = max(int(nz.sum(axis=0).max()), 1)
-        # sort each entry's elements so the nonzero ones come first (stable: by j)
-        order = np.argsort(~nz, axis=0, kind="stable")[:T].T  # [entries, T]
-        val = np.take_along_axis(flat.T, order, axis=1)
-        idx = np.where(val != 0, order, self.dim)
-        shape = self.tensor.shape[1:] + (T,)
-        return idx.reshape(shape), val.reshape(shape)
 
     @cached_property
     def blocks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -62,7 +62,9 @@ class FilterExpansion(nn.Module):
     """``theta [O, C, D]`` -> filter ``[O, |G|, C, E]`` (``E`` entries per input field) from a basis.
 
     Canonical bases (one element per entry) expand by a gather, escnn bases by one
-    ``einsum`` per block of ``BlockBasis.blocks``; both equal ``BlockBasis.filter``.
+    ``einsum`` per block of ``BlockBasis.blocks``; both equal ``BlockBasis.filter``. (Measured
+    on 2 cores, forward + backward of a D4 group-conv filter, width 128: gather 47 ms, einsum
+    132 ms; escnn's filters are dense in their basis, so they have no gather.)
     """
 
     def __init__(self, basis: BlockBasis):
@@ -72,15 +74,11 @@ class FilterExpansion(nn.Module):
         # buffers hold the unscaled basis (escnn's float32 samples are then exact in float32
         # and in float64); the scale s multiplies the expanded filter
         self.scale = float(basis.scale)
-        idx, val = basis.sparse
-        entries = idx.reshape(self.order, -1, idx.shape[-1]).shape[1]
-        self.gather = idx.shape[-1] == 1
+        self.gather = basis.index is not None  # canonical: every entry is one coefficient or zero
         if self.gather:
-            self.register_buffer("index", torch.as_tensor(idx.reshape(self.order, entries)), persistent=False)
-            val = val / basis.scale
-            self.unit = bool((val[idx < self.dim] == 1).all())
-            if not self.unit:
-                self.register_buffer("value", torch.as_tensor(val.reshape(self.order, entries), dtype=torch.float32), persistent=False)
+            index = torch.tensor(basis.index.reshape(self.order, -1))  # a copy: the cached basis is read-only
+            index = torch.where(index < 0, self.dim, index)  # zero entries read the padded zero
+            self.register_buffer("index", index, persistent=False)
         else:
             placed = []
             for i, (elements, ents, small) in enumerate(basis.blocks):
@@ -96,8 +94,6 @@ class FilterExpansion(nn.Module):
         if self.gather:
             padded = F.pad(theta, (0, 1))  # coefficient D is the zero entry
             f = padded[:, :, self.index]  # [O, C, G, E]
-            if not self.unit:
-                f = f * self.value.to(theta.dtype)
             return self._scaled(f.transpose(1, 2))
         parts = []
         for i in range(self.n_blocks):
