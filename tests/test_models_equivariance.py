@@ -138,6 +138,16 @@ def test_escnn_check_equivariance_of_our_modules(gname):
         _conv_layer(group, False, 2, 2, 3, "valid", "escnn", "full"),
         em.PointwiseNonlin(em.regular_type(group, 2), "erf"),
         em.GroupMeanPool(em.regular_type(group, 2)),
+        em.GroupMeanPool(em.regular_type(group, 2, "none")),
+        init_parameters(
+            BasisLinear(
+                em.permutation_type(group, domain_permutation(group, (1, 5, 5))),
+                em.regular_type(group, 2, "none"),
+                filter_basis(group, "glift", 1, 0, "escnn", domain_perm=domain_permutation(group, (1, 5, 5))),
+                AFF,
+            ),
+            0,
+        ),
         init_parameters(
             BasisLinear(
                 em.regular_type(group, 2, "none"),

@@ -189,6 +189,19 @@ def test_glift_bases(gname, shape):
         assert b.fan_in(1) == perm.shape[1]
 
 
+@pytest.mark.parametrize("gname,shape", [("D4", (2, 5, 5)), ("C4", (1, 4, 4)), ("D6", (1, 12)), ("C3", (2, 9))])
+def test_permutation_type_is_our_action(gname, shape):
+    """The escnn representation assembled orbit by orbit has exactly our permutation matrices."""
+    group = Group.parse(gname)
+    perm = domain_permutation(group, shape)
+    rep = em.permutation_type(group, perm).representations[0]
+    d = perm.shape[1]
+    for g in range(group.order):
+        P = np.zeros((d, d))
+        P[np.arange(d), perm[g]] = 1.0
+        np.testing.assert_allclose(rep(em.escnn_element(group, g)), P, atol=1e-12)  # float64 change of basis
+
+
 @pytest.mark.parametrize("gname,shape", [("D4", (1, 5, 5)), ("D6", (1, 12))])
 def test_escnn_glift_basis_equals_escnns_basis_for_the_whole_permutation_representation(gname, shape):
     """Read per orbit, the basis is escnn's basis of the single permutation representation:
