@@ -19,7 +19,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # escnn warns that py3nj is missing; we never need it
     import escnn
     import escnn.group._numerical as _escnn_numerical
-    from escnn import gspaces
     from escnn import nn as enn
     from escnn.group.representation import build_from_discrete_group_representation
 
