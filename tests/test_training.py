@@ -14,7 +14,7 @@ from workers.augment import FullOrbit, RandomOrbit, make_augmentation, orbit
 from workers.ensemble import Ensemble, member_seeds
 from workers.models import build_model, init_parameters
 from workers.train import orbit_inputs, train_gd
-from workers.unit import run_unit
+from workers.unit import reproducible, resolve_device, run_unit
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +226,38 @@ def test_reserved_eval_set_name_is_refused():
     data.eval_sets["train"] = data.train_x
     with pytest.raises(ValueError, match="eval_sets"):
         run_unit(unit(MLP), data, MemoryWriter())
+
+
+def test_device_auto_falls_back_to_cpu_and_cuda_is_refused_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="device"):
+        resolve_device("cuda")
+
+
+def test_reproducible_restores_global_settings():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    with reproducible():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.allow_tf32, torch.get_num_threads()) == before
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec(name="gcnn", arch="gcnn", group="D4", support="full", sigma_b=0.2),
+        ModelSpec(name="group_mlp", arch="group_mlp", group="C4", support="identity"),
+    ],
+    ids=lambda s: s.name,
+)
+def test_invariant_models_log_orbit_constant_predictions_while_training(spec):
+    data = study_data(n=6)
+    u = unit(spec, 0, 2, lr=0.5, steps=4, log_steps=(0, 4)).model_copy(update={"width": 3})
+    outcome, writer = run(u, data)
+    assert outcome.status == "done"
+    for step, name, p in writer.calls:
+        assert p.shape[2] == spec.group_obj.order
+        # an invariant network gives one value per orbit, up to float64 round-off
+        np.testing.assert_allclose(p, np.broadcast_to(p[:, :, :1], p.shape), rtol=1e-10, atol=1e-10)
+    assert not np.allclose(writer.at(0, "train"), writer.at(4, "train"))  # and it did train
