@@ -37,15 +37,20 @@ def _unit_states(out: Path) -> dict[str, str]:
     return dict(zip(units["unit_id"], units["state"]))
 
 
-def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, log=print) -> dict[str, pd.DataFrame]:
-    """Compute and write every analysis table; returns them."""
+def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optional[int] = None,
+            log=print) -> dict[str, pd.DataFrame]:
+    """Compute and write every analysis table; returns them.
+
+    ``kernel_fn`` replaces ``analysis.kernels.kernel_fn``; ``workers`` processes compute the
+    analytic predictions that are not cached (default: one per CPU).
+    """
     out = Path(out)
     t0 = time.perf_counter()
     cfg = empirical.study_config(out)
     specs = cfg.model_specs
     stats, units = empirical.load_ensembles(out)
     t1 = time.perf_counter()
-    theories = theory.study_theory(out, kernel_fn=kernel_fn, log=log)
+    theories = theory.study_theory(out, kernel_fn=kernel_fn, log=log, workers=workers)
     t2 = time.perf_counter()
     tables = compare.build_tables(stats, theories, specs, {s.name: cfg.widths_of(s.name) for s in specs})
     tables["units"] = units
@@ -80,14 +85,14 @@ def load_tables(out: Path) -> Optional[dict[str, pd.DataFrame]]:
         return None
 
 
-def report(out: Path, *, kernel_fn: Optional[Callable] = None, log=print) -> Path:
+def report(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optional[int] = None, log=print) -> Path:
     """Write ``DIR/report/index.html`` with its plots and summary; returns its path."""
     from . import report as rep
 
     out = Path(out)
     tables = load_tables(out)
     if tables is None:
-        tables = analyze(out, kernel_fn=kernel_fn, log=log)
+        tables = analyze(out, kernel_fn=kernel_fn, workers=workers, log=log)
     t0 = time.perf_counter()
     page = rep.write_report(out, tables, ResultStore(out).resolved_study())
     log(f"report: {page} ({time.perf_counter() - t0:.1f} s)")

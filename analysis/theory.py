@@ -78,17 +78,94 @@ def cache_path(out: Path, model: str, lr: float) -> Path:
     return Path(out) / "analysis" / f"theory-{model}-{float(lr):g}.npz"
 
 
+class _ReuseTrainKernel:
+    """Wraps a kernel engine so that rows already in the training kernel are not recomputed.
+
+    ``predict_as_trained`` asks for ``K(X, X)`` and then ``K(x_test, X)``; our test points
+    contain the training inputs (the ``train`` set, and for full-orbit augmentation the whole
+    augmented set), so those rows are copied from ``K(X, X)`` and only the others are computed.
+    Same inputs, same kernel: this changes nothing but rounding.
+    """
+
+    def __init__(self, kernel_fn: Optional[Callable]):
+        if kernel_fn is None:
+            from .kernels import kernel_fn
+        self.kernel_fn = kernel_fn
+
+    def __call__(self, spec, input_shape, n_out):
+        base = self.kernel_fn(spec, input_shape, n_out)
+        memory = {}  # the last symmetric K(X, X): row bytes -> index, X bytes, results
+
+        def rows(x):
+            return [r.tobytes() for r in np.ascontiguousarray(x, dtype=np.float64).reshape(len(x), -1)]
+
+        def kf(x1, x2=None, get=("nngp", "ntk"), diag=False, **kwargs):
+            get = (get,) if isinstance(get, str) else tuple(get)
+            if x2 is None and not diag:
+                out = base(x1, None, get=get, **kwargs)
+                memory.clear()
+                memory.update(index={r: i for i, r in enumerate(rows(x1))}, x=np.asarray(x1, np.float64).tobytes(),
+                              k={n: np.asarray(out[n]) for n in get})
+                return out
+            known = memory and all(n in memory["k"] for n in get)
+            if not known or (x2 is not None and np.asarray(x2, np.float64).tobytes() != memory["x"]):
+                return base(x1, x2, get=get, diag=diag, **kwargs)
+            where = np.array([memory["index"].get(r, -1) for r in rows(x1)])
+            new = np.flatnonzero(where < 0)
+            fresh = base(np.asarray(x1)[new], x2, get=get, diag=diag, **kwargs) if len(new) else None
+            old = np.flatnonzero(where >= 0)
+            out = {}
+            for n in get:
+                k = memory["k"][n]
+                full = np.empty(len(x1)) if diag else np.empty((len(x1), k.shape[1]))
+                full[old] = np.diag(k)[where[old]] if diag else k[where[old]]
+                if len(new):
+                    full[new] = fresh[n]
+                out[n] = full
+            return out
+
+        return kf
+
+
+def _predict(spec, data, x_test, lr, steps, kernel_fn):
+    from .predict import predict_as_trained
+
+    return predict_as_trained(spec, data.train_x, data.train_y, x_test, lr=lr, steps=steps,
+                              kernel_fn=_ReuseTrainKernel(kernel_fn))
+
+
+# Orbit invariance of an equivariant model's prediction is checked to this relative accuracy
+# (float64 kernels are invariant to ~1e-13; a real failure is of order one).
+_INVARIANCE_RTOL = 1e-7
+
+
 def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn: Optional[Callable] = None) -> Theory:
-    """Analytic predictions for ``spec`` trained with ``lr`` on ``data`` (a ``StudyData``)."""
-    from .predict import UnstableLearningRate, predict_as_trained
+    """Analytic predictions for ``spec`` trained with ``lr`` on ``data`` (a ``StudyData``).
+
+    A GCNN or group MLP pools over the group, so its output, its kernels and hence its
+    analytic mean and variance are the same at every point of an orbit: it is evaluated at
+    one point per orbit, and the full orbit of the first input of each set confirms the
+    invariance before the values are copied along the orbits (otherwise every orbit point is
+    computed).
+    """
+    from .predict import UnstableLearningRate
 
     sets = data.all_sets()
     order = spec.group_obj.order
-    x_test = np.concatenate([orbit_points(spec, x) for x in sets.values()])
     th = Theory(model=spec.name, lr=float(lr), steps=list(steps))
     t0 = time.perf_counter()
     try:
-        pred = predict_as_trained(spec, data.train_x, data.train_y, x_test, lr=lr, steps=steps, kernel_fn=kernel_fn)
+        pred = None
+        if spec.equivariant and order > 1:
+            base = np.concatenate(list(sets.values()))
+            probes = np.concatenate([orbit_points(spec, x[:1]) for x in sets.values()])
+            p = _predict(spec, data, np.concatenate([base, probes]), lr, steps, kernel_fn)
+            firsts = np.cumsum([0] + [len(x) for x in sets.values()])[:-1]
+            if _invariant(p, len(base), firsts, order):
+                pred = _along_orbits(p, len(base), order)
+        if pred is None:
+            x_test = np.concatenate([orbit_points(spec, x) for x in sets.values()])
+            pred = _predict(spec, data, x_test, lr, steps, kernel_fn)
     except UnstableLearningRate as e:
         th.error = f"unstable learning rate: {e}"
     except Exception as e:  # a model the kernel engine cannot do must not stop the other models
@@ -105,6 +182,28 @@ def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn
         th.var[name] = pred.variance[:, rows].reshape(len(steps), n, order)
         start += n * order
     return th
+
+
+def _invariant(p, n_base: int, firsts, order: int) -> bool:
+    """Whether the probes' orbit predictions (rows after ``n_base``) equal those at the probes themselves."""
+    mean, var = p.mean, p.variance
+    scale_m = np.sqrt(np.mean(mean[:, :n_base] ** 2)) + 1e-300
+    scale_v = np.max(np.abs(var[:, :n_base])) + 1e-300
+    for j, i in enumerate(firsts):
+        orbit = slice(n_base + j * order, n_base + (j + 1) * order)
+        if np.max(np.abs(mean[:, orbit] - mean[:, i:i + 1])) > _INVARIANCE_RTOL * scale_m:
+            return False
+        if np.max(np.abs(var[:, orbit] - var[:, i:i + 1])) > _INVARIANCE_RTOL * scale_v:
+            return False
+    return True
+
+
+def _along_orbits(p, n_base: int, order: int):
+    """One point per orbit -> every orbit point (row ``i |G| + g``), dropping the probes."""
+    from .predict import Prediction
+
+    return Prediction(mean=np.repeat(p.mean[:, :n_base], order, axis=1),
+                      variance=np.repeat(p.variance[:, :n_base], order, axis=1))
 
 
 def _save(path: Path, key: str, th: Theory) -> None:
@@ -137,12 +236,35 @@ def _load(path: Path, key: str, model: str, lr: float) -> Optional[Theory]:
         return None  # missing or unreadable: recompute
 
 
-def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print) -> dict[tuple[str, float], Theory]:
+def _cost_guess(spec: ModelSpec) -> float:
+    # Kernel cost grows with the spatial pair count and, for full-orbit augmentation, with the
+    # |G|^2 larger training kernel; used only to start the slowest jobs first.
+    return (100.0 if spec.spatial else 1.0) * (spec.group_obj.order ** 2 if spec.augmentation != "none" else 1.0)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _compute_job(args) -> Theory:
+    spec, data, lr, steps, kernel_fn = args
+    return compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn)
+
+
+def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
+                 workers: Optional[int] = None) -> dict[tuple[str, float], Theory]:
     """``{(model, lr): Theory}`` for every model and lr of the study in ``out``, from the cache when valid.
 
-    A failure that depends on the study (an unstable lr) is cached like a result; any other
-    failure is not, so a fixed kernel engine is retried on the next run.
+    Predictions not in the cache are computed in ``workers`` processes (default: one per CPU,
+    at most one per job); the kernel engine must then be picklable, otherwise they are
+    computed here one after another. A failure that depends on the study (an unstable lr)
+    is cached like a result; any other failure is not, so a fixed kernel engine is retried.
     """
+    import os
+    import pickle
+
     from study.config import StudyConfig
 
     out = Path(out)
@@ -151,19 +273,43 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print) -> 
     cfg = StudyConfig(**resolved["config"])
     steps = list(resolved["log_steps"])
     digest = resolved["data_digest"]
-    data = None
-    result = {}
+    result, todo = {}, []
     for spec in cfg.model_specs:
         for lr in cfg.lrs:
             key = cache_key(spec, lr, steps, digest)
-            path = cache_path(out, spec.name, lr)
-            th = _load(path, key, spec.name, lr)
+            th = _load(cache_path(out, spec.name, lr), key, spec.name, lr)
             if th is None:
-                if data is None:
-                    data = store.load_data()
-                th = compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn)
-                if th.ok or th.error.startswith("unstable"):
-                    _save(path, key, th)
-                log(f"theory {spec.name} lr={lr:g}: " + (f"{th.seconds:.1f} s" if th.ok else th.error))
+                todo.append((spec, float(lr), key))
             result[(spec.name, float(lr))] = th
+    if not todo:
+        return result
+    data = store.load_data()
+    todo.sort(key=lambda job: -_cost_guess(job[0]))
+    cpus = os.cpu_count() or 1
+    workers = min(workers or cpus, len(todo))
+    if workers > 1:
+        try:
+            pickle.dumps(kernel_fn)
+        except Exception:
+            workers = 1
+
+    def finish(spec, lr, key, th):
+        if th.ok or th.error.startswith("unstable"):
+            _save(cache_path(out, spec.name, lr), key, th)
+        log(f"theory {spec.name} lr={lr:g}: " + (f"{th.seconds:.1f} s" if th.ok else th.error))
+        result[(spec.name, lr)] = th
+
+    if workers <= 1:
+        for spec, lr, key in todo:
+            finish(spec, lr, key, compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn))
+        return result
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a fresh interpreter per worker, never a fork of a process that holds torch or Ray threads
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(max(1, cpus // workers),)) as pool:
+        futures = [(job, pool.submit(_compute_job, (job[0], data, job[1], steps, kernel_fn))) for job in todo]
+        for (spec, lr, key), fut in futures:
+            finish(spec, lr, key, fut.result())
     return result

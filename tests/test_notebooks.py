@@ -21,7 +21,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     out = make_results(tmp_path_factory.mktemp("notebooks") / "run")
-    pipeline.analyze(out, kernel_fn=closed_form_kernel_fn, log=lambda *_: None)
+    pipeline.analyze(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
     return out
 
 

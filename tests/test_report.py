@@ -25,7 +25,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
     out = make_results(tmp_path_factory.mktemp("report") / "run")
-    return pipeline.report(out, kernel_fn=closed_form_kernel_fn, log=lambda *_: None)
+    return pipeline.report(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
 
 
 def img_sources(text: str) -> list[str]:
