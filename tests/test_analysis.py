@@ -323,3 +323,53 @@ def test_equivariant_shortcut_falls_back_when_not_invariant():
                                 steps=th.steps, kernel_fn=not_invariant)
     np.testing.assert_allclose(th.mean["noise"][:, 1], direct.mean, rtol=1e-10, atol=1e-13)
     assert np.ptp(th.mean["noise"][-1, 1], axis=0).max() > 1e-3  # really not invariant
+
+
+# ----- the real thing: workers, kernels, CLI ----------------------------------------------
+REAL = """
+name: tiny-real
+seed: 2
+data:
+  train: {source: digits, n: 6}
+  eval:
+    - {name: noise, data: {source: gaussian, n: 2}}
+group: C4
+models:
+  - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
+  - {name: group_mlp, arch: group_mlp, depth: 1, support: identity}
+  - {name: cnn_aug, arch: cnn, depth: 1, augmentation: full_orbit}
+  - {name: gcnn, arch: gcnn, depth: 1, support: identity}
+widths: [8, 16]
+ensemble_size: 4
+lr: 0.5
+steps: 10
+log_steps: [0, 1, 10]
+"""
+
+
+def test_real_study_end_to_end(tmp_path):
+    """``eqntk run`` trains, analyses with the real kernel engine and writes the report."""
+    pytest.importorskip("analysis.kernels")
+    pytest.importorskip("workers.models")
+    from study.cli import main
+
+    study = tmp_path / "real.yaml"
+    study.write_text(textwrap.dedent(REAL))
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "report" / "index.html").is_file()
+    t = pipeline.load_tables(out)
+    assert t is not None
+    assert (t["theory"]["status"] == "ok").all(), t["theory"]
+    p = t["points"]
+    assert p["mu"].notna().all() and np.isfinite(p["z"]).all()
+    assert (p["members"] == 4).all()
+    # THEORY section 6 with the real kernels: the augmented models' analytic means equal the GCNNs'
+    pairs = t["pairs"]
+    aug = pairs[(pairs["kind"] == "augmentation") & (pairs["step"] > 0)]
+    assert {("mlp_aug", "group_mlp"), ("cnn_aug", "gcnn")} <= set(zip(aug["a"], aug["b"]))
+    assert aug["theory_rel_gap"].max() < 1e-8
+    # GCNN ensembles are invariant member by member (float32 rounding), and their theory exactly
+    inv = t["invariance"]
+    eq = inv[inv["model"].isin(["group_mlp", "gcnn"]) & (inv["step"] > 0)]
+    assert eq["spread"].max() < 1e-5 and eq["theory_spread"].max() < 1e-10
