@@ -211,7 +211,9 @@ def convergence(agr: pd.DataFrame) -> pd.DataFrame:
                 rel_err_largest=g["rel_err"].iloc[-1],
                 rel_noise_largest=g["rel_noise"].iloc[-1],
             ))
-    out = pd.DataFrame(rows)
+    cols = ["model", "lr", "eval_set", "step", "widths", "n_widths", "slope_err", "slope_bias", "rel_err_smallest",
+            "rel_err_largest", "rel_noise_largest"]
+    out = pd.DataFrame(rows, columns=cols)
     out["step"] = out["step"].astype("Int64")
     return out
 

@@ -97,6 +97,14 @@ def load_ensembles(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(stats, units)``: statistics over the units that finished (diverged ones left out), and the unit table."""
     units = unit_table(out)
     diverged = units.loc[units["state"] == "diverged", "unit_id"].tolist()
-    if not (units["state"].isin(["done"])).any():
-        return pd.DataFrame(columns=POINT_KEYS + ["members", "mean", "var", "se", "time"]), units
+    if not (units["state"] == "done").any():
+        return _empty_stats(), units
     return ensemble_stats(out, exclude_units=diverged), units
+
+
+def _empty_stats() -> pd.DataFrame:
+    """No finished unit: the columns of ``ensemble_stats`` with their types, and no rows."""
+    types = dict(model=str, width=np.int64, lr=np.float64, step=np.int64, eval_set=str, sample=np.int64,
+                 group_element=np.int64, output=np.int64, members=np.int64, mean=np.float64, var=np.float64,
+                 se=np.float64, time=np.float64)
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in types.items()})

@@ -517,16 +517,20 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
         if caption:
             figures.append((f"{name}.png", caption))
 
-    verdicts = [
-        ("Does the finite ensemble agree with theory at the largest width?", verdict_agreement(s)),
-        ("Does the error fall with width?", verdict_width(s, summary)),
-        ("Does the augmentation theorem hold at finite width?", verdict_theorem(s)),
-        ("Does invariance emerge in the augmented ensembles' mean?", verdict_invariance(s)),
-        ("Does escnn's default basis differ from the canonical GCNN, and do the ensembles resolve it?", verdict_escnn(s)),
+    questions = [
+        ("Does the finite ensemble agree with theory at the largest width?", lambda: verdict_agreement(s)),
+        ("Does the error fall with width?", lambda: verdict_width(s, summary)),
+        ("Does the augmentation theorem hold at finite width?", lambda: verdict_theorem(s)),
+        ("Does invariance emerge in the augmented ensembles' mean?", lambda: verdict_invariance(s)),
+        ("Does escnn's default basis differ from the canonical GCNN, and do the ensembles resolve it?",
+         lambda: verdict_escnn(s)),
     ]
+    nothing = "No ensemble has a finished unit yet, so nothing can be measured (see the units below)."
+    verdicts = [(q, answer() if len(tables["points"]) else nothing) for q, answer in questions]
     units = tables["units"]
     bad = units[units["state"] != "done"][["unit_id", "model", "width", "lr", "member_start", "member_stop", "state",
                                            "steps_reached", "error"]]
+    bad = bad.astype(object).where(bad.notna(), "")
     th = tables["theory"]
     th_bad = th[th["status"] != "ok"]
     cfg = resolved["config"]

@@ -101,3 +101,23 @@ def test_renders_in_chromium(page, tmp_path):
     assert len(srcs) >= 6
     for s in srcs:
         assert (page.parent / s).is_file(), s
+
+
+def test_report_before_any_unit_finished(tmp_path):
+    """A results directory whose units are all pending still gets a page that says so."""
+    import textwrap
+
+    from study.cli import resolved_study
+    from study.config import parse_study
+    from study.data import build_data
+    from test_analysis import TINY
+
+    cfg = parse_study(textwrap.dedent(TINY))
+    data = build_data(cfg.data, cfg.seed)
+    out = tmp_path / "run"
+    ResultStore(out).initialise(TINY, resolved_study(cfg, data.digest()), data)
+    page = pipeline.report(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
+    text = page.read_text()
+    assert text.count("nothing can be measured") == 5
+    assert text.count(">pending</td>") == 16
+    assert not img_sources(text)
