@@ -1,0 +1,308 @@
+"""Analytic NNGP and NTK of every model the study can build (THEORY sections 2-4, 6).
+
+``kernel_fn(spec, input_shape, n_out)`` turns the model's layer plan into kernel rules
+(``analysis.stax``) and returns a ``KernelFn``:
+
+    kf = kernel_fn(spec, (1, 8, 8))
+    kf(x1, x2)                      # {"nngp": [N1, N2], "ntk": [N1, N2]}, float64
+    kf(x1, None, get=("ntk",))      # symmetric K(x1, x1), upper blocks only
+    kf(x1, diag=True)               # K(x_i, x_i): [N1]; with x2: K(x1_i, x2_i)
+
+The kernel is that of one output unit (all outputs share it). Work proceeds over blocks of
+input pairs so memory stays bounded. ``orbit_averaged`` gives the kernel of a network
+trained with full-orbit augmentation, ``mean_kernel_fn`` picks the kernel the analytic
+ensemble mean uses.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from study.architecture import layer_plan
+from study.groups import Group
+from study.spec import ModelSpec
+
+from . import kernel_scratch as scratch
+from .stax import Meta, Pairs, build_rules, var_of
+
+__all__ = ["KernelFn", "kernel_fn", "orbit_averaged", "mean_kernel_fn"]
+
+# Bytes one kernel tensor of a block may take; a block holds a handful of such tensors
+# (NNGP, NTK and the temporaries of a nonlinearity), so peak memory is several times this.
+_BLOCK_BYTES = 8 * 2**20
+
+
+def _elements(meta: Meta) -> int:
+    """Kernel entries per input pair for features of this shape."""
+    hw = max(meta.H, 1) * max(meta.W, 1)
+    return {
+        "input": meta.d * hw,
+        "input_flat": 1,
+        "flat": 1,
+        "positions": hw,
+        "grid": meta.G * hw * hw,
+        "grid_full": meta.G**2 * hw * hw,
+        "group": meta.G**2,
+    }[meta.kind]
+
+
+def _as_tensor(x, input_shape, name) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu", torch.float64)
+    else:
+        t = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    if tuple(t.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{name}: expected inputs of shape [N, {', '.join(map(str, input_shape))}], got {list(t.shape)}")
+    return t.contiguous()
+
+
+def _get(get) -> tuple[str, ...]:
+    get = (get,) if isinstance(get, str) else tuple(get)
+    bad = [g for g in get if g not in ("nngp", "ntk")]
+    if bad or not get:
+        raise ValueError(f"get: choose from 'nngp' and 'ntk', got {get!r}")
+    return get
+
+
+class KernelFn:
+    """The analytic kernel of one model: ``kf(x1, x2=None, get=..., block_size=None, diag=False)``."""
+
+    def __init__(self, rules, input_shape: tuple[int, ...], description: str = ""):
+        self.rules = rules
+        self.input_shape = tuple(input_shape)
+        self.description = description
+        metas = [Meta("input", d=input_shape[0])] + [r.meta_out for r in rules]
+        self._per_pair = max(_elements(m) for m in metas[1:])
+
+    def __repr__(self) -> str:
+        return f"KernelFn({self.description})"
+
+    # ----- block sizes --------------------------------------------------------------------
+    def default_block_size(self) -> int:
+        """Inputs per side of a block of pairs, from the memory budget."""
+        pairs = max(1, _BLOCK_BYTES // (8 * self._per_pair))
+        return int(max(1, min(512, math.isqrt(pairs))))
+
+    def _self_block(self, block_size: Optional[int]) -> int:
+        if block_size is None:
+            return int(max(1, min(4096, _BLOCK_BYTES // (8 * self._per_pair))))
+        return max(1, block_size**2)
+
+    # ----- passes -------------------------------------------------------------------------
+    def _run(self, x1, x2, outer: bool, want_ntk: bool, vars1=None, vars2=None, record: bool = False):
+        """One pass over a block; ``record``: x1 is x2 paired, variances read off the state."""
+        st = Pairs("input", outer, x1=x1, x2=x2)
+        recorded = []
+        i = 0
+        for rule in self.rules:
+            if rule.uses_var:
+                if record:
+                    v = var_of(st)
+                    recorded.append(v)
+                    new = rule(st, want_ntk, v, v)
+                else:
+                    new = rule(st, want_ntk, vars1[i], vars2[i])
+                i += 1
+            else:
+                new = rule(st, want_ntk)
+            _recycle_dead(st, new)
+            st = new
+        return st, recorded
+
+    def _self_pass(self, x: torch.Tensor, want_ntk: bool, block: int):
+        """Variances at every nonlinearity and the final kernels of ``(x_i, x_i)``."""
+        parts_var, nngp, ntk = [], [], []
+        for s in range(0, len(x), block):
+            xb = x[s : s + block]
+            st, rec = self._run(xb, xb, False, want_ntk, record=True)
+            parts_var.append(rec)
+            nngp.append(st.nngp)
+            ntk.append(st.ntk if want_ntk else None)
+        variances = [torch.cat([p[i] for p in parts_var]) for i in range(len(parts_var[0]))] if parts_var else []
+        out = {"nngp": torch.cat(nngp) if nngp else torch.zeros(0, dtype=torch.float64)}
+        if want_ntk:
+            out["ntk"] = torch.cat(ntk) if ntk else torch.zeros(0, dtype=torch.float64)
+        return variances, out
+
+    # ----- the call -----------------------------------------------------------------------
+    def __call__(self, x1, x2=None, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None,
+                 diag: bool = False) -> dict[str, np.ndarray]:
+        get = _get(get)
+        want_ntk = "ntk" in get
+        x1 = _as_tensor(x1, self.input_shape, "x1")
+        sym = x2 is None
+        x2 = x1 if sym else _as_tensor(x2, self.input_shape, "x2")
+        sblock = self._self_block(block_size)
+        try:
+            with torch.no_grad():
+                if diag:
+                    return self._diag(x1, None if sym else x2, get, want_ntk, sblock)
+                return self._matrix(x1, x2, sym, get, want_ntk, block_size or self.default_block_size(), sblock)
+        finally:
+            scratch.clear()
+
+    def diag(self, x, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None):
+        """``K(x_i, x_i)`` for each input: ``{name: [N]}``."""
+        return self(x, None, get=get, block_size=block_size, diag=True)
+
+    def _diag(self, x1, x2, get, want_ntk, sblock):
+        if x2 is None:
+            _, out = self._self_pass(x1, want_ntk, sblock)
+            return {g: out[g].numpy() for g in get}
+        if len(x1) != len(x2):
+            raise ValueError(f"diag: x1 and x2 must pair up, got {len(x1)} and {len(x2)} inputs")
+        v1, _ = self._self_pass(x1, False, sblock)
+        v2, _ = self._self_pass(x2, False, sblock)
+        res = {g: np.empty(len(x1)) for g in get}
+        for s in range(0, len(x1), sblock):
+            sl = slice(s, s + sblock)
+            st, _ = self._run(x1[sl], x2[sl], False, want_ntk, [v[sl] for v in v1], [v[sl] for v in v2])
+            for g in get:
+                res[g][sl] = getattr(st, g).numpy()
+        return res
+
+    def _matrix(self, x1, x2, sym, get, want_ntk, block, sblock):
+        v1, _ = self._self_pass(x1, False, sblock)
+        v2 = v1 if sym else self._self_pass(x2, False, sblock)[0]
+        n1, n2 = len(x1), len(x2)
+        res = {g: np.empty((n1, n2)) for g in get}
+        jobs = [
+            (slice(i, min(i + block, n1)), slice(j, min(j + block, n2)))
+            for i in range(0, n1, block)
+            for j in range(i if sym else 0, n2, block)
+        ]
+
+        def work(job):
+            r, c = job
+            st, _ = self._run(x1[r], x2[c], True, want_ntk, [v[r] for v in v1], [v[c] for v in v2])
+            for g in get:
+                b = getattr(st, g).numpy()
+                if sym and r == c:
+                    b = 0.5 * (b + b.T)  # equal up to rounding; keep the matrix exactly symmetric
+                res[g][r, c] = b
+                if sym and r != c:
+                    res[g][c, r] = b.T
+
+        _for_each(work, jobs)
+        return res
+
+
+def _recycle_dead(old: Pairs, new: Pairs) -> None:
+    """Hand the old state's kernels to the scratch pool unless the new state still uses them."""
+    keep = {t.untyped_storage().data_ptr() for t in (new.nngp, new.ntk, new.x1, new.x2) if t is not None}
+    dead = [t for t in (old.nngp, old.ntk) if t is not None and t.untyped_storage().data_ptr() not in keep]
+    scratch.recycle(*dead)
+
+
+def _for_each(work, jobs) -> None:
+    """Run ``work`` on every job, one block per thread with one torch thread each.
+
+    The kernel rules are memory-bound passes over blocks small enough to stay in cache;
+    whole blocks in parallel scale better than torch's intra-op threads, which also stall
+    badly when the machine is shared (torch releases the GIL inside each operation).
+    """
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(jobs) <= 1:
+        try:
+            for job in jobs:
+                work(job)
+        finally:
+            scratch.clear()
+        return
+
+    pending = iter(jobs)
+    lock = threading.Lock()
+
+    def worker():
+        try:
+            while True:
+                with lock:
+                    job = next(pending, None)
+                if job is None:
+                    return
+                work(job)
+        finally:
+            scratch.clear()
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for f in [pool.submit(worker) for _ in range(threads)]:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, route: str = "auto") -> KernelFn:
+    """The analytic kernel of ``spec`` itself (never orbit-averaged, whatever its augmentation).
+
+    ``route`` (for checks): ``auto`` (fastest exact rules), ``basis`` (group layers through
+    their basis covariance), ``basis_full`` (the same without right invariance).
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    plan = layer_plan(spec, input_shape, n_out)
+    rules = build_rules(plan, input_shape, spec.group_obj, route)
+    return KernelFn(rules, input_shape, f"{spec.name}: {spec.arch}, route {route}")
+
+
+class OrbitAveraged:
+    """``Theta_G(x, x') = (1/|G|) sum_g Theta(x, L_g x')`` (THEORY sections 3 and 6), same call as ``KernelFn``.
+
+    Equals the double average ``(1/|G|^2) sum_{g,g'} Theta(L_g x, L_g' x')`` when ``Theta`` is jointly
+    invariant (MLPs; CNNs with rotation-invariant padding and readout).
+    """
+
+    def __init__(self, base, group: Group, input_kind: str):
+        if input_kind not in ("image", "ring"):
+            raise ValueError(f"input_kind: use 'image' or 'ring', got {input_kind!r}")
+        self.base, self.group, self.input_kind = base, group, input_kind
+
+    def _orbit(self, x: np.ndarray) -> np.ndarray:
+        o = self.group.orbit_image(x) if self.input_kind == "image" else self.group.orbit_ring(x)
+        return o.reshape(-1, *x.shape[1:])  # [N |G|, ...], sample-major
+
+    def __call__(self, x1, x2=None, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None,
+                 diag: bool = False) -> dict[str, np.ndarray]:
+        get = _get(get)
+        x1 = _to_numpy(x1)
+        x2 = x1 if x2 is None else _to_numpy(x2)
+        G = self.group.order
+        orbit = self._orbit(x2)
+        if diag:
+            if len(x1) != len(x2):
+                raise ValueError(f"diag: x1 and x2 must pair up, got {len(x1)} and {len(x2)} inputs")
+            out = self.base(np.repeat(x1, G, axis=0), orbit, get=get, block_size=block_size, diag=True)
+            return {g: out[g].reshape(len(x1), G).mean(1) for g in get}
+        out = self.base(x1, orbit, get=get, block_size=block_size)
+        return {g: out[g].reshape(len(x1), len(x2), G).mean(-1) for g in get}
+
+    def diag(self, x, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None):
+        return self(x, None, get=get, block_size=block_size, diag=True)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def orbit_averaged(kernel_fn, group, input_kind: str) -> OrbitAveraged:
+    """The kernel of a model trained with full-orbit augmentation under ``group`` (name or ``Group``)."""
+    if isinstance(group, str):
+        group = Group.parse(group)
+    return OrbitAveraged(kernel_fn, group, input_kind)
+
+
+def mean_kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, **kwargs):
+    """The kernel of the analytic ensemble mean: orbit-averaged for an augmented ``mlp``/``cnn``
+    (THEORY section 6), else the model's own kernel."""
+    kf = kernel_fn(spec, input_shape, n_out, **kwargs)
+    if spec.arch in ("mlp", "cnn") and spec.augmentation != "none":
+        return orbit_averaged(kf, spec.group_obj, "image" if len(input_shape) == 3 else "ring")
+    return kf

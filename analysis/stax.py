@@ -1,0 +1,693 @@
+"""Kernel rules: one per entry of a layer plan (``study.architecture``), as in neural-tangents' stax.
+
+A rule maps the NNGP and NTK of a batch of input pairs through one layer (THEORY sections
+2-4). The batch is ``outer`` (``[B1, B2, ...]``: every x1 with every x2) or paired
+(``[B, ...]``: x1[i] with x2[i]). What a state holds depends on its ``kind``:
+
+- ``input``: the raw inputs (the first weight layer reads them directly);
+- ``input_flat``: the raw inputs flattened to vectors;
+- ``flat``: i.i.d. units, one number per pair;
+- ``positions``: one number per position ``p`` (the ``(p, p)`` entries only; enough for
+  convolutions whose output is flattened and read by a dense layer);
+- ``grid``: ``K((e, p), (h, q))`` as ``[.., G, H, W, H, W]``. Right invariance
+  ``K((g s, p), (g' s, q)) = K((g, p), (g' s, q))`` (THEORY section 3) makes this the whole
+  kernel: ``K((g, p), (g', q)) = grid[g' g^-1, p, q]``. Plain grids have ``G = 1``.
+- ``grid_full``: ``K((a, p), (a', q))`` as ``[.., G, H, W, G, H, W]`` (no right invariance);
+- ``group``: ``K(a, a')`` as ``[.., G, G]`` (regular fields without base space).
+
+Nonlinearities need the variances ``K(x, x)`` of each input at each unit; ``var_of`` reads
+them off a paired state of ``(x, x)``, and the engine (``analysis.kernels``) records them
+in a first pass over the inputs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from study.architecture import (
+    Conv,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    GroupConv,
+    GroupDense,
+    GroupLift,
+    GroupPool,
+    Layer,
+    Lift,
+    Nonlin,
+)
+from study.groups import Group
+
+from . import kernel_scratch as scratch
+from .kernel_nonlin import gaussian_factors
+from .kernel_ops import TorusCorrelation, axis_maps, diagonal_shift_sum, out_size, patches, window_rotations
+
+__all__ = ["Pairs", "Meta", "build_rules", "var_of"]
+
+# A basis covariance counts as right invariant when it is so up to this relative error:
+# escnn's bases are float32 samples held in float64, so exact identities hold to ~1e-16
+# of their size, while a truly non-invariant covariance differs at order 1.
+_RIGHT_INV_RTOL = 1e-12
+
+
+@dataclass
+class Pairs:
+    """NNGP and NTK of a batch of input pairs (see the module docstring)."""
+
+    kind: str
+    outer: bool
+    nngp: Optional[torch.Tensor] = None
+    ntk: Optional[torch.Tensor] = None
+    x1: Optional[torch.Tensor] = None
+    x2: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The shape of the features between layers: ``kind``, group size, grid, input size."""
+
+    kind: str
+    G: int = 1
+    H: int = 0
+    W: int = 0
+    d: int = 0  # input: channels (images, rings); input_flat: vector size
+
+
+def var_of(st: Pairs) -> torch.Tensor:
+    """The variances ``K(x, x)`` at each unit, from a paired state of ``(x, x)``."""
+    return _var_view(st).clone()  # a copy: the engine recycles the state's storage
+
+
+def _var_view(st: Pairs) -> torch.Tensor:
+    k = st.nngp
+    if st.kind in ("flat", "positions"):
+        return k
+    if st.kind == "grid":
+        b, (h, w) = k.shape[:-5], k.shape[-2:]
+        return k[..., 0, :, :, :, :].reshape(*b, h * w, h * w).diagonal(dim1=-2, dim2=-1).reshape(*b, h, w)
+    if st.kind == "grid_full":
+        b, (g, h, w) = k.shape[:-6], k.shape[-3:]
+        n = g * h * w
+        return k.reshape(*b, n, n).diagonal(dim1=-2, dim2=-1).reshape(*b, g, h, w)
+    if st.kind == "group":
+        return k.diagonal(dim1=-2, dim2=-1)
+    raise ValueError(f"no variances in a state of kind {st.kind!r}")
+
+
+def _expand_var(kind: str, var: torch.Tensor, side: int, outer: bool) -> torch.Tensor:
+    """Broadcast the variances of side 1 (rows) or 2 (columns) against the state's kernel."""
+    if outer:
+        var = var.unsqueeze(1) if side == 1 else var.unsqueeze(0)
+    if kind in ("flat", "positions"):
+        return var
+    if kind == "grid":  # var [.., H, W] against [.., G, H, W, H, W]
+        var = var.unsqueeze(-3)
+        return var[..., None, None] if side == 1 else var.unsqueeze(-3).unsqueeze(-3)
+    if kind == "grid_full":  # var [.., G, H, W] against [.., G, H, W, G, H, W]
+        return var[..., None, None, None] if side == 1 else var[..., None, None, None, :, :, :]
+    if kind == "group":  # var [.., G] against [.., G, G]
+        return var[..., :, None] if side == 1 else var[..., None, :]
+    raise ValueError(f"no nonlinearity on a state of kind {kind!r}")
+
+
+# ----- rules --------------------------------------------------------------------------------
+class Rule:
+    """One layer's action on a state. ``meta_out`` is the feature shape after the layer."""
+
+    uses_var = False
+    meta_out: Meta
+
+    def __call__(self, st: Pairs, want_ntk: bool, var1=None, var2=None) -> Pairs:
+        raise NotImplementedError
+
+
+class _Linear(Rule):
+    """``K' = sw^2 A[K] + sb^2``, ``Theta' = K' + sw^2 A[Theta]`` for a linear operator ``A``.
+
+    Operators return a fresh unnormalised sum ``S`` with ``A[M] = scale * S``, so that the
+    normalisation and ``sw^2`` cost one pass together.
+    """
+
+    scale = 1.0
+
+    def __init__(self, affine):
+        self.sw2 = affine.sigma_w**2
+        self.sb2 = affine.sigma_b**2 if affine.bias else 0.0
+
+    def _finish(self, st: Pairs, kind: str, a_nngp, a_ntk, want_ntk: bool, scale: float | None = None) -> Pairs:
+        f = self.sw2 * (self.scale if scale is None else scale)
+        nngp = a_nngp.mul_(f)
+        if self.sb2:
+            nngp.add_(self.sb2)
+        ntk = None
+        if want_ntk:
+            # First weight layer: Theta = K. The two may share storage because no rule
+            # modifies the tensors of its input state in place.
+            if a_ntk is None:
+                ntk = nngp
+            else:
+                ntk = torch.add(nngp, a_ntk, alpha=f, out=scratch.empty(nngp.shape))
+                scratch.recycle(a_ntk)
+        return Pairs(kind, st.outer, nngp, ntk)
+
+    def _linear_both(self, st: Pairs, op, kind: str, want_ntk: bool) -> Pairs:
+        a_ntk = op(st.ntk) if (want_ntk and st.ntk is not None) else None
+        return self._finish(st, kind, op(st.nngp), a_ntk, want_ntk)
+
+
+class _Parameterless(Rule):
+    """A fixed linear map of the features (pooling, flattening): the same ``A`` on both kernels."""
+
+    def _map(self, st: Pairs, op, kind: str, want_ntk: bool) -> Pairs:
+        ntk = op(st.ntk) if (want_ntk and st.ntk is not None) else None
+        return Pairs(kind, st.outer, op(st.nngp), ntk)
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor, outer: bool) -> torch.Tensor:
+    """``sum_i a[n, i] b[m, i]``: ``[N1, N2]`` (outer) or ``[N]`` (paired)."""
+    return a @ b.T if outer else (a * b).sum(-1)
+
+
+class DenseRule(_Linear):
+    def __init__(self, layer: Dense, meta: Meta):
+        super().__init__(layer.affine)
+        if meta.kind not in ("input_flat", "positions", "flat"):
+            raise ValueError(f"Dense needs flat features, got {meta.kind}")
+        self.meta_out = Meta("flat")
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        if st.kind == "input_flat":
+            k = _gram(st.x1, st.x2, st.outer)
+            return self._finish(st, "flat", k, None, want_ntk, scale=1.0 / st.x1.shape[-1])
+        if st.kind == "positions":
+            return self._linear_both(st, lambda m: m.mean(dim=(-2, -1)), "flat", want_ntk)
+        return self._linear_both(st, lambda m: m.clone(), "flat", want_ntk)
+
+
+class FlattenRule(_Parameterless):
+    def __init__(self, meta: Meta):
+        self.meta_in = meta
+        if meta.kind == "input":
+            self.meta_out = Meta("input_flat", d=meta.d * max(meta.H, 1) * max(meta.W, 1))
+        elif meta.kind in ("grid", "positions") and meta.G == 1:
+            self.meta_out = Meta("positions", 1, meta.H, meta.W)
+        elif meta.kind == "flat":
+            self.meta_out = meta
+        else:
+            raise ValueError(f"Flatten of {meta.kind} features (G={meta.G}) is not a layer of any plan")
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        if st.kind == "input":
+            b1, b2 = st.x1.shape[0], st.x2.shape[0]
+            return Pairs("input_flat", st.outer, x1=st.x1.reshape(b1, -1), x2=st.x2.reshape(b2, -1))
+        if st.kind == "grid":
+            h, w = self.meta_in.H, self.meta_in.W
+
+            def diag(m):
+                b = m.shape[:-5]
+                return m.reshape(*b, h * w, h * w).diagonal(dim1=-2, dim2=-1).reshape(*b, h, w)
+
+            return self._map(st, diag, "positions", want_ntk)
+        return st
+
+
+class GlobalAvgPoolRule(_Parameterless):
+    def __init__(self, meta: Meta):
+        if meta.kind != "grid" or meta.G != 1:
+            raise ValueError(f"global average pooling needs a plain grid, got {meta.kind} (G={meta.G})")
+        self.meta_out = Meta("flat")
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        return self._map(st, lambda m: m.mean(dim=(-5, -4, -3, -2, -1)), "flat", want_ntk)
+
+
+class GroupPoolRule(_Parameterless):
+    def __init__(self, meta: Meta):
+        self.kind_in = meta.kind
+        if meta.kind in ("grid", "grid_full"):
+            self.meta_out = Meta("grid", 1, meta.H, meta.W)
+        elif meta.kind == "group":
+            self.meta_out = Meta("flat")
+        else:
+            raise ValueError(f"group pooling needs regular fields, got {meta.kind}")
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        if st.kind == "grid":  # (1/G^2) sum_{g,g'} K(g' g^-1) = mean over the relative element
+            return self._map(st, _group_mean, "grid", want_ntk)
+        if st.kind == "grid_full":
+            return self._map(st, lambda m: m.mean(dim=-3).mean(dim=-5).unsqueeze(-5), "grid", want_ntk)
+        return self._map(st, lambda m: m.mean(dim=(-2, -1)), "flat", want_ntk)
+
+
+def _group_mean(m: torch.Tensor) -> torch.Tensor:
+    shape = list(m.shape)
+    shape[-5] = 1
+    return torch.mean(m, dim=-5, keepdim=True, out=scratch.empty(shape))
+
+
+class NonlinRule(Rule):
+    """``K' = E[phi phi]``, ``Theta' = E[phi' phi'] * Theta``. With ``pool`` (right-invariant
+    grids only) the group mean of the next layer is fused in: it runs before the factors
+    that depend only on the variances, which carry no group index."""
+
+    uses_var = True
+
+    def __init__(self, layer: Nonlin, meta: Meta, pool: bool = False):
+        if meta.kind in ("input", "input_flat"):
+            raise ValueError("a nonlinearity must follow a weight layer")
+        if pool and meta.kind != "grid":
+            raise ValueError("only right-invariant grids fuse the group mean into the nonlinearity")
+        self.kind, self.pool = layer.kind, pool
+        self.meta_out = Meta("grid", 1, meta.H, meta.W) if pool else meta
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        v1 = _expand_var(st.kind, var1, 1, st.outer)
+        v2 = _expand_var(st.kind, var2, 2, st.outer)
+        need_d = want_ntk and st.ntk is not None
+        f = gaussian_factors(self.kind, st.nngp, v1, v2, st.ntk if need_d else None)
+        if self.pool:
+            psi = _group_mean(f.psi_core).mul_(f.psi_scale)
+            ntk = _group_mean(f.dtheta_core).mul_(f.dtheta_scale) if need_d else None
+            scratch.recycle(f.psi_core, f.dtheta_core)
+        else:
+            psi = f.psi_core.mul_(f.psi_scale)
+            ntk = f.dtheta_core.mul_(f.dtheta_scale) if need_d else None
+        return Pairs(st.kind, st.outer, psi, ntk)
+
+
+# ----- convolutions with canonical (independent-tap) filters ---------------------------------
+def _first_layer_patches(st: Pairs, k: int, padding: str):
+    p1, p2 = patches(st.x1, k, padding), patches(st.x2, k, padding)
+    return p1, p2  # [N, C, k*k, H', W']
+
+
+class ConvRule(_Linear):
+    """Plain convolution (THEORY section 2): ``A[M](p, q) = (1/k^2) sum_delta M(p+delta, q+delta)``.
+
+    ``diag_only``: keep only the ``(p, p)`` entries, which is all a flatten readout needs.
+    """
+
+    def __init__(self, layer: Conv, meta: Meta, diag_only: bool):
+        super().__init__(layer.affine)
+        self.k, self.padding = layer.kernel_size, layer.padding
+        self.scale = 1.0 / self.k**2
+        self.diag_only = diag_only
+        if meta.kind not in ("input", "grid", "positions") or meta.G != 1:
+            raise ValueError(f"Conv needs images or a plain grid, got {meta.kind} (G={meta.G})")
+        h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
+        self.meta_out = Meta("positions" if diag_only else "grid", 1, h, w)
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        k = self.k
+        if st.kind == "input":
+            p1, p2 = _first_layer_patches(st, k, self.padding)
+            n1, c, kk, h, w = p1.shape
+            n2 = p2.shape[0]
+            a = p1.reshape(n1, c * kk, h * w)
+            b = p2.reshape(n2, c * kk, h * w)
+            if self.diag_only:
+                if st.outer:  # [P, N1, K] @ [P, K, N2]
+                    m = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).permute(1, 2, 0)
+                else:
+                    m = (a * b).sum(1)
+                m = m.reshape(*m.shape[:-1], h, w)
+                kind = "positions"
+            else:
+                if st.outer:
+                    m = a.permute(0, 2, 1).reshape(n1 * h * w, c * kk) @ b.permute(1, 0, 2).reshape(c * kk, n2 * h * w)
+                    m = m.reshape(n1, h * w, n2, h * w).permute(0, 2, 1, 3)
+                else:
+                    m = torch.bmm(a.transpose(1, 2), b)
+                m = m.reshape(*m.shape[:-2], 1, h, w, h, w)
+                kind = "grid"
+            return self._finish(st, kind, m, None, want_ntk, scale=1.0 / (c * kk))
+        if st.kind == "positions":
+
+            def op(m):
+                t = diagonal_shift_sum(m, k, self.padding, -2)
+                out = diagonal_shift_sum(t, k, self.padding, -1)
+                scratch.recycle(t)
+                return out
+
+            return self._linear_both(st, op, "positions", want_ntk)
+
+        def op(m):
+            t = diagonal_shift_sum(m, k, self.padding, -4, -2, 1)
+            out = diagonal_shift_sum(t, k, self.padding, -3, -1, 1)
+            scratch.recycle(t)
+            return out
+
+        return self._linear_both(st, op, "grid", want_ntk)
+
+
+class LiftRule(_Linear):
+    """Canonical lifting: ``K~(h, p, q) = (1/(C k^2)) sum_{c,delta} x_c(p+delta) x'_c(q + R_h delta)``."""
+
+    def __init__(self, layer: Lift, meta: Meta, group: Group):
+        super().__init__(layer.affine)
+        if meta.kind != "input":
+            raise ValueError("a lifting layer reads the input images")
+        self.k, self.padding, self.G = layer.kernel_size, layer.padding, group.order
+        self.rot = torch.from_numpy(window_rotations(group, self.k))
+        h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
+        self.meta_out = Meta("grid", group.order, h, w)
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        p1, p2 = _first_layer_patches(st, self.k, self.padding)
+        n1, c, kk, h, w = p1.shape
+        n2, G, P = p2.shape[0], self.G, h * w
+        # x'(q + R_h delta_t) is tap rot[h, t] of the patch at q
+        p2r = p2.reshape(n2, c, kk, P)[:, :, self.rot]  # [N2, C, G, kk, P]
+        a = p1.reshape(n1, c * kk, P).transpose(1, 2)  # [N1, P, K]
+        b = p2r.permute(0, 2, 1, 3, 4).reshape(n2, G, c * kk, P)  # [N2, G, K, P]
+        if st.outer:  # broadcast matmul writes [N1, N2, G, P, P] directly
+            m = torch.matmul(a[:, None, None], b[None], out=scratch.empty((n1, n2, G, P, P)))
+        else:
+            m = torch.matmul(a[:, None], b, out=scratch.empty((n1, G, P, P)))
+        m = m.reshape(*m.shape[:-3], G, h, w, h, w)
+        return self._finish(st, "grid", m, None, want_ntk, scale=1.0 / (c * kk))
+
+
+class GroupConvRule(_Linear):
+    """Canonical group convolution on right-invariant kernels (any support, THEORY section 3):
+    ``K~'(h, p, q) = (1/k^2) sum_delta Psi~(h, p + delta, q + R_h delta)``, a separable shifted sum."""
+
+    def __init__(self, layer: GroupConv, meta: Meta, group: Group):
+        super().__init__(layer.affine)
+        if meta.kind != "grid" or meta.G != group.order:
+            raise ValueError(f"group convolution needs right-invariant regular fields, got {meta.kind}")
+        self.k, self.padding = layer.kernel_size, layer.padding
+        self.scale = 1.0 / self.k**2
+        self.maps = axis_maps(group)
+        h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
+        self.meta_out = Meta("grid", group.order, h, w)
+
+    def _op(self, m):
+        k, pad = self.k, self.padding
+        b = m.shape[:-5]
+        h_out, w_out = self.meta_out.H, self.meta_out.W
+        out = scratch.empty((*b, len(self.maps), h_out, w_out, h_out, w_out))
+        for h, ((a0, s0), (a1, s1)) in enumerate(self.maps):
+            x = m.select(-5, h)  # [.., H, W, H, W]; offsets: rows (-4, q axis -2 + a0), cols (-3, -2 + a1)
+            x = diagonal_shift_sum(x, k, pad, -4, -2 + a0, s0)
+            diagonal_shift_sum(x, k, pad, -3, -2 + a1, s1, out=out.select(-5, h))
+            scratch.recycle(x)
+        return out
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        return self._linear_both(st, self._op, "grid", want_ntk)
+
+
+# ----- layers given by a parameter basis (THEORY section 4) -----------------------------------
+def _covariance(basis) -> np.ndarray:
+    """``C[(a, b, t), (a', b', t')] = sum_j B_j B_j / fan_in_per_field`` as ``[G, b, t, G, b, t]``."""
+    T = np.asarray(basis.tensor, dtype=np.float64)
+    T = T.reshape(T.shape[0], T.shape[1], T.shape[2], -1)
+    return np.einsum("jabt,jcdu->abtcdu", T, T) / basis.fan_in_per_field
+
+
+def right_invariant(basis, group: Group) -> bool:
+    """Whether ``C[(a s, b s, .), (a' s, b' s, .)] = C`` for every ``s`` (then kernels stay right invariant)."""
+    C = _covariance(basis)
+    mul = group.mul
+    scale = np.abs(C).max()
+    for s in range(group.order):
+        po = mul[:, s]
+        pi = mul[:, s] if C.shape[1] == group.order else np.arange(C.shape[1])
+        moved = C[po][:, pi][:, :, :, po][:, :, :, :, pi]
+        if np.abs(moved - C).max() > _RIGHT_INV_RTOL * scale:
+            return False
+    return True
+
+
+def _to_full(m: torch.Tensor, group: Group) -> torch.Tensor:
+    """Right-invariant ``[.., G, H, W, H, W]`` -> full ``[.., G, H, W, G, H, W]`` (``K(a, a') = K~(a' a^-1)``)."""
+    G = group.order
+    rel = torch.from_numpy(group.mul[np.arange(G)[None, :], group.inverse[:, None]])  # [a, a'] -> a' a^-1
+    full = m[..., rel, :, :, :, :]  # [.., a, a', H, W, H, W]
+    return full.permute(*range(full.ndim - 6), -6, -4, -3, -5, -2, -1)
+
+
+class LiftBasisRule(_Linear):
+    """Lifting with filter covariance from a basis: ``K = (1/(C fan)) sum_{c,j} Y_j(a, p) Y'_j(a', q)``,
+    ``Y_j = x * B_j``; right-invariant storage when the covariance allows it."""
+
+    def __init__(self, layer: Lift, meta: Meta, group: Group, basis, right_inv: bool):
+        super().__init__(layer.affine)
+        if meta.kind != "input":
+            raise ValueError("a lifting layer reads the input images")
+        self.k, self.padding, self.G, self.right_inv = layer.kernel_size, layer.padding, group.order, right_inv
+        T = np.asarray(basis.tensor, dtype=np.float64)  # [D, G, 1, k, k]
+        self.T = torch.from_numpy(T.reshape(T.shape[0], T.shape[1], -1))  # [D, G, kk]
+        self.fan = basis.fan_in_per_field
+        h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
+        self.meta_out = Meta("grid" if right_inv else "grid_full", group.order, h, w)
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        p1, p2 = _first_layer_patches(st, self.k, self.padding)
+        n1, c, kk, h, w = p1.shape
+        n2, G, P = p2.shape[0], self.G, h * w
+        D = self.T.shape[0]
+        y2 = torch.einsum("nctp,jat->ncjap", p2.reshape(n2, c, kk, P), self.T).reshape(n2, c * D, G * P)
+        if self.right_inv:  # only a = e on the left
+            y1 = torch.einsum("nctp,jt->ncjp", p1.reshape(n1, c, kk, P), self.T[:, 0]).reshape(n1, c * D, P)
+            left = P
+        else:
+            y1 = torch.einsum("nctp,jat->ncjap", p1.reshape(n1, c, kk, P), self.T).reshape(n1, c * D, G * P)
+            left = G * P
+        if st.outer:
+            m = (y1.transpose(1, 2).reshape(n1 * left, c * D) @ y2.permute(1, 0, 2).reshape(c * D, n2 * G * P))
+            m = m.reshape(n1, left, n2, G * P).permute(0, 2, 1, 3)
+        else:
+            m = torch.bmm(y1.transpose(1, 2), y2)
+        b = m.shape[:-2]
+        if self.right_inv:  # [.., P, (h, q)] -> [.., h, p, q]
+            m = m.reshape(*b, P, G, P).movedim(-2, -3).reshape(*b, G, h, w, h, w)
+            kind = "grid"
+        else:
+            m = m.reshape(*b, G, h, w, G, h, w)
+            kind = "grid_full"
+        return self._finish(st, kind, m, None, want_ntk, scale=1.0 / (c * self.fan))
+
+
+class GroupConvBasisRule(_Linear):
+    """Group convolution with filter covariance from a basis, as a 4D correlation by FFT.
+
+    Right-invariant: ``K~'(h, p, q) = sum_{c, t, t'} W[h, c, t, t'] K~(c, p + d_t, q + d_t')`` with
+    ``W[h, c] = sum_b C[(e, b), (h, c b)]``. Full: channels are pairs ``(a, a')`` and
+    ``W[(a, a'), (b, b')] = C[(a, b), (a', b')]``.
+    """
+
+    def __init__(self, layer: GroupConv, meta: Meta, group: Group, basis, right_inv: bool):
+        super().__init__(layer.affine)
+        if meta.kind not in ("grid", "grid_full") or meta.G != group.order:
+            raise ValueError(f"group convolution needs regular fields, got {meta.kind}")
+        self.group, self.right_inv = group, right_inv
+        self.in_right_inv = meta.kind == "grid"
+        k, G = layer.kernel_size, group.order
+        C = _covariance(basis)  # [G, G, kk, G, G, kk]
+        if right_inv:
+            mul = group.mul
+            cb = mul[np.arange(G)[:, None], np.arange(G)[None, :]]  # [c, b] -> c b
+            w = _right_inv_weights(C, cb)  # W[h, c, t, u] = sum_b C[e, b, t, h, c b, u]
+        else:
+            w = C.transpose(0, 3, 1, 4, 2, 5).reshape(G * G, G * G, k * k, k * k)
+        self.corr = TorusCorrelation(w, k, layer.padding, meta.H, meta.W)
+        self.meta_out = Meta("grid" if right_inv else "grid_full", G, self.corr.h_out, self.corr.w_out)
+
+    def _op(self, m):
+        if self.right_inv:
+            return self.corr(m)
+        if self.in_right_inv:
+            m = _to_full(m, self.group)
+        G = self.group.order
+        b, (h, w) = m.shape[:-6], m.shape[-2:]
+        m = m.permute(*range(len(b)), -6, -3, -5, -4, -2, -1).reshape(*b, G * G, h, w, h, w)
+        out = self.corr(m)
+        ho, wo = out.shape[-2:]
+        out = out.reshape(*b, G, G, ho, wo, ho, wo)
+        return out.permute(*range(len(b)), -6, -4, -3, -5, -2, -1)
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        return self._linear_both(st, self._op, "grid" if self.right_inv else "grid_full", want_ntk)
+
+
+def _right_inv_weights(C: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """``W[h, c, t, u] = sum_b C[e, b, t, h, c b, u]`` (``C [G, G, kk, G, G, kk]``, ``cb[c, b] = c b``)."""
+    G = C.shape[0]
+    Ce = C[0]  # [b, t, h, b', u]
+    w = np.zeros((G, G, C.shape[2], C.shape[5]))
+    for c in range(G):
+        for b in range(G):
+            w[:, c] += Ce[b, :, :, cb[c, b], :].transpose(1, 0, 2)
+    return w
+
+
+# ----- regular fields without base space (group MLP) ------------------------------------------
+class GroupLiftRule(_Linear):
+    """Vector -> regular fields. Canonical: ``K(a, a') = (1/d) <v, L_{a a'^-1} v'>``.
+    Basis: ``K(a, a') = (1/d) sum_j (B_j v)_a (B_j v')_a'``."""
+
+    def __init__(self, layer: GroupLift, meta: Meta, group: Group, perm: np.ndarray, basis=None):
+        super().__init__(layer.affine)
+        if meta.kind != "input_flat":
+            raise ValueError("a group lifting layer reads the flattened input")
+        G = group.order
+        self.G = G
+        self.perm = torch.from_numpy(np.asarray(perm, dtype=np.int64))  # [G, d]
+        self.rel = torch.from_numpy(group.mul[np.arange(G)[:, None], group.inverse[None, :]])  # a a'^-1
+        self.T = None if basis is None else torch.from_numpy(np.asarray(basis.tensor, dtype=np.float64))
+        self.fan = meta.d if basis is None else basis.fan_in_per_field
+        self.meta_out = Meta("group", G)
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        x1, x2 = st.x1, st.x2
+        if self.T is None:
+            moved = x2[:, self.perm]  # [N2, G, d]: L_h v'
+            if st.outer:
+                s = (x1 @ moved.reshape(-1, x2.shape[-1]).T).reshape(x1.shape[0], x2.shape[0], self.G)
+            else:
+                s = torch.einsum("nd,nhd->nh", x1, moved)
+            m = s[..., self.rel]
+        else:
+            y1 = torch.einsum("jad,nd->naj", self.T, x1)
+            y2 = torch.einsum("jad,nd->naj", self.T, x2)
+            m = torch.einsum("naj,mbj->nmab", y1, y2) if st.outer else torch.einsum("naj,nbj->nab", y1, y2)
+        return self._finish(st, "group", m, None, want_ntk, scale=1.0 / self.fan)
+
+
+class GroupDenseRule(_Linear):
+    """Regular -> regular fields. Canonical: ``K'(a, a') = (1/|S|) sum_{s in S} Psi(a s, a' s)``.
+    Basis: ``K'(a, a') = sum_{b, b'} C[(a, b), (a', b')] Psi(b, b')``."""
+
+    def __init__(self, layer: GroupDense, meta: Meta, group: Group, basis=None):
+        super().__init__(layer.affine)
+        if meta.kind != "group":
+            raise ValueError("a group dense layer reads regular fields without base space")
+        G = group.order
+        self.G = G
+        if basis is None:
+            S = range(G) if layer.support == "full" else [0]
+            self.idx = [torch.from_numpy(group.mul[:, s]) for s in S]
+            self.scale = 1.0 / len(S)
+            self.cmat = None
+        else:
+            C = _covariance(basis)[:, :, 0, :, :, 0]  # [a, b, a', b']
+            self.cmat = torch.from_numpy(C.transpose(0, 2, 1, 3).reshape(G * G, G * G).copy())
+        self.meta_out = Meta("group", G)
+
+    def _op(self, m):
+        if self.cmat is None:
+            out = None
+            for i in self.idx:
+                v = m[..., i, :][..., :, i]
+                out = v if out is None else out.add_(v)
+            return out
+        b = m.shape[:-2]
+        return (m.reshape(-1, self.G * self.G) @ self.cmat.T).reshape(*b, self.G, self.G)
+
+    def __call__(self, st, want_ntk, var1=None, var2=None):
+        return self._linear_both(st, self._op, "group", want_ntk)
+
+
+# ----- the plan -----------------------------------------------------------------------------
+def _diag_only_flags(plan: list[Layer]) -> list[bool]:
+    """For each layer: may it keep only the ``(p, p)`` entries? True for plain convolutions
+    whose output reaches a flatten readout without pooling over positions."""
+    flags = [False] * len(plan)
+    diag = False
+    for i in range(len(plan) - 1, -1, -1):
+        layer = plan[i]
+        if isinstance(layer, Flatten):
+            diag = True
+        elif isinstance(layer, (Conv, Nonlin)):
+            pass
+        else:
+            diag = False
+        flags[i] = diag and isinstance(layer, Conv)
+    return flags
+
+
+def build_rules(plan: list[Layer], input_shape: tuple[int, ...], group: Group, route: str = "auto") -> list[Rule]:
+    """The kernel rules of a layer plan for inputs of ``input_shape`` (no batch axis).
+
+    ``route``: ``auto`` uses the fast canonical rules where the basis is canonical and the
+    basis covariance (right-invariant where it allows) otherwise; ``basis`` takes the
+    covariance route for every group layer; ``basis_full`` too, without right invariance.
+    """
+    if route not in ("auto", "basis", "basis_full"):
+        raise ValueError(f"route: unknown {route!r}; use auto, basis or basis_full")
+    from workers.bases import domain_permutation, filter_basis
+
+    if len(input_shape) == 3:
+        meta = Meta("input", 1, input_shape[1], input_shape[2], d=input_shape[0])
+    else:
+        meta = Meta("input", 1, input_shape[1], 1, d=input_shape[0])
+    diag_flags = _diag_only_flags(plan)
+
+    def basis_for(layer):
+        if isinstance(layer, Lift):
+            return filter_basis(group, "lift", 1, layer.kernel_size, layer.basis, "full")
+        if isinstance(layer, GroupConv):
+            return filter_basis(group, "gconv", 1, layer.kernel_size, layer.basis, layer.support)
+        if isinstance(layer, GroupLift):
+            return filter_basis(group, "glift", 1, 0, layer.basis, "full", domain_permutation(group, input_shape))
+        return filter_basis(group, "gdense", 1, 0, layer.basis, layer.support)
+
+    use_basis = {}
+    for i, layer in enumerate(plan):
+        if isinstance(layer, (Lift, GroupConv, GroupLift, GroupDense)):
+            use_basis[i] = layer.basis != "canonical" or route != "auto"
+    # Right-invariant storage for the grid layers when every basis layer allows it.
+    right_inv = route != "basis_full" and all(
+        right_invariant(basis_for(plan[i]), group)
+        for i, b in use_basis.items()
+        if b and isinstance(plan[i], (Lift, GroupConv))
+    )
+
+    rules: list[Rule] = []
+    skip = False
+    for i, layer in enumerate(plan):
+        if skip:  # a group mean fused into the nonlinearity before it
+            skip = False
+            continue
+        if isinstance(layer, Dense):
+            rule = DenseRule(layer, meta)
+        elif isinstance(layer, Flatten):
+            rule = FlattenRule(meta)
+        elif isinstance(layer, GlobalAvgPool):
+            rule = GlobalAvgPoolRule(meta)
+        elif isinstance(layer, GroupPool):
+            rule = GroupPoolRule(meta)
+        elif isinstance(layer, Nonlin):
+            skip = meta.kind == "grid" and i + 1 < len(plan) and isinstance(plan[i + 1], GroupPool)
+            rule = NonlinRule(layer, meta, pool=skip)
+        elif isinstance(layer, Conv):
+            rule = ConvRule(layer, meta, diag_flags[i])
+        elif isinstance(layer, Lift):
+            if use_basis[i]:
+                rule = LiftBasisRule(layer, meta, group, basis_for(layer), right_inv)
+            else:
+                rule = LiftRule(layer, meta, group)
+        elif isinstance(layer, GroupConv):
+            if use_basis[i]:
+                rule = GroupConvBasisRule(layer, meta, group, basis_for(layer), right_inv)
+            else:
+                rule = GroupConvRule(layer, meta, group)
+        elif isinstance(layer, GroupLift):
+            perm = domain_permutation(group, input_shape)
+            rule = GroupLiftRule(layer, meta, group, perm, basis_for(layer) if use_basis[i] else None)
+        elif isinstance(layer, GroupDense):
+            rule = GroupDenseRule(layer, meta, group, basis_for(layer) if use_basis[i] else None)
+        else:  # pragma: no cover - the plan's Union rules this out
+            raise ValueError(f"no kernel rule for layer {layer!r}")
+        rules.append(rule)
+        meta = rule.meta_out
+    if meta.kind != "flat":
+        raise ValueError(f"the plan must end in flat outputs, ends in {meta.kind}")
+    return rules
