@@ -300,6 +300,8 @@ def plot_trajectories(s: Summary, path: Path) -> Optional[str]:
     ref = pts[(pts["model"] == first) & (pts["lr"] == lr) & (pts["eval_set"] == ev) & (pts["sample"] == 0)
               & (pts["group_element"] == 0) & (pts["width"] == s.largest[(first, lr)])]
     last = ref[ref["step"] == ref["step"].max()]
+    if not len(last):
+        return None
     output = int(last.loc[last["mu"].abs().idxmax(), "output"])
     models = [m for m in s.model_order if (m, lr) in s.largest]
     ncol = min(3, len(models))

@@ -42,7 +42,7 @@ def test_files_and_no_external_resources(page):
     assert not re.search(r"(src|href)=['\"](https?:)?//", text)  # nothing fetched from the network
     assert (page.parent / "summary.csv").is_file()
     summary = pd.read_csv(page.parent / "summary.csv")
-    assert list(summary["model"]) == ["mlp_aug", "group_mlp", "group_mlp_full", "mlp_plain"]
+    assert list(summary["model"]) == ["mlp_aug", "group_mlp", "group_mlp_full", "mlp_plain", "mlp_random"]
     # the diverged and the failed unit are listed
     assert text.count("diverged") >= 2 and "synthetic failure" in text
 
@@ -58,14 +58,14 @@ def test_verdicts_follow_the_numbers(page):
     text = page.read_text()
     for v in summary["median_abs_z"]:
         assert report._fmt(v) in text
-    assert "within 3 SE in 4 of 4" in report.verdict_theorem(s)
-    assert "falls for 4 of 4 models" in report.verdict_width(s, summary)
+    assert "within 3 SE in 8 of 8" in report.verdict_theorem(s)
+    assert "falls for 5 of 5 models" in report.verdict_width(s, summary)
 
     # push the augmented ensemble's mean far from the GCNN's: the theorem verdict must say so
     bad = {k: v.copy() for k, v in tables.items()}
     bad["pairs"]["diff_ss"] *= 1e8  # gaps 1e4 times larger
     bad["pairs"] = bad["pairs"].pipe(lambda d: d.assign(gap_se=np.sqrt(d["diff_ss"] / d["comb_ss"])))
-    assert "within 3 SE in 0 of 4" in report.verdict_theorem(report.Summary(bad, resolved))
+    assert "within 3 SE in 0 of 8" in report.verdict_theorem(report.Summary(bad, resolved))
     # z-scores far beyond the null make the agreement verdict say "deviates"
     bad = {k: v.copy() for k, v in tables.items()}
     bad["points"]["z"] *= 1e3
@@ -119,5 +119,5 @@ def test_report_before_any_unit_finished(tmp_path):
     page = pipeline.report(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
     text = page.read_text()
     assert text.count("nothing can be measured") == 5
-    assert text.count(">pending</td>") == 16
+    assert text.count(">pending</td>") == 20
     assert not img_sources(text)
