@@ -3,12 +3,15 @@
 For each (model, lr) the infinite-width prediction (``analysis.predict.predict_as_trained``)
 at every logged step, on every orbit point of the training inputs and of every eval set, in
 the order the workers log them (``study.groups``: row ``i |G| + g`` is ``L_g x_i``). All
-sets go through one call, so the training kernel is decomposed once per model.
+sets go through one call, so the training kernel is decomposed once per model; rows of the
+test kernel that are training inputs are copied from the training kernel, and invariant
+models (GCNN, group MLP) are evaluated once per orbit after a check (``compute_theory``).
 
 The prediction does not depend on the width, so it is computed once per (model, lr) and
 cached as ``DIR/analysis/theory-<model>-<lr>.npz``. The cache key hashes the resolved spec,
-the lr, the logged steps, the data digest and the source of the kernel engine and the
-predictor, so a changed study, data set or kernel code is recomputed and nothing else is.
+the lr, the logged steps, the data digest and the source of the kernel engine, the
+predictor and their inputs (``_code_digest``), so a changed study, data set or kernel code is
+recomputed and nothing else is. Uncached predictions run in parallel processes.
 """
 
 from __future__ import annotations
@@ -55,12 +58,21 @@ def orbit_points(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
     return orbit.reshape(len(x) * grp.order, *x.shape[1:])
 
 
+# Source files whose code decides the analytic numbers: the kernel engine (every analysis
+# module but the comparison and reporting ones), the predictor, this module, and what they
+# read from study/ and workers/ (layer plans, group actions, filter bases).
+_NOT_THEORY = {"__init__.py", "empirical.py", "compare.py", "report.py", "pipeline.py"}
+_THEORY_DEPS = ["study/architecture.py", "study/groups.py", "study/spec.py", "workers/bases.py"]
+
+
 def _code_digest() -> str:
-    # The kernel engine and the predictor decide the numbers; a change to either invalidates the cache.
+    # A change to any of them invalidates the cache (a recompute costs seconds, a stale cache a wrong report).
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("kernels.py", "predict.py"):
-        p = here / name
+    files = sorted(p for p in here.glob("*.py") if p.name not in _NOT_THEORY)
+    files += [here.parent / d for d in _THEORY_DEPS]
+    for p in files:
+        h.update(p.name.encode())
         h.update(p.read_bytes() if p.is_file() else b"")
     return h.hexdigest()[:16]
 
