@@ -1,8 +1,10 @@
 """Speed of the vectorised ensemble against a per-member Python loop, in one run.
 
-For each model (a 2-hidden-layer width-512 MLP and a 2-layer width-64 C4 GCNN, 1x8x8
-inputs, full batch 256, 10 outputs) it times full-batch gradient-descent steps of
-- the vectorised ensemble (``workers.ensemble.Ensemble``: vmap + vjp), and
+For each model (2-hidden-layer MLPs of width 512 and 64 and a 2-layer width-64 C4 GCNN,
+1x8x8 inputs, full batch 256, 10 outputs) it times full-batch gradient-descent steps of
+- the ensemble as ``train_gd`` runs it (``Ensemble.gd_step``: vmap + vjp over blocks of
+  members; one block on a GPU, cache-sized blocks on a CPU),
+- the whole ensemble as one vmap block, and
 - a plain loop over the same members (one ``nn.Module`` each, autograd, in-place update),
 and prints member-steps per second, their ratio, and the achieved FLOP/s (forward +
 backward FLOPs counted analytically) as a fraction of a large float32 matmul measured on the
@@ -17,12 +19,14 @@ steps, and the share of a whole ``train_gd`` run spent logging.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 import torch
 
 from study.spec import ModelSpec
+from workers import ensemble as ensemble_module
 from workers.augment import make_augmentation
 from workers.ensemble import Ensemble, member_seeds
 from workers.models import build_model, init_parameters
@@ -31,6 +35,7 @@ from workers.train import orbit_inputs, train_gd
 SHAPE, N_OUT, BATCH = (1, 8, 8), 10, 256
 MODELS = {
     "mlp": (ModelSpec(name="bench_mlp", arch="mlp", depth=2, group="C4"), 512),
+    "mlp64": (ModelSpec(name="bench_mlp", arch="mlp", depth=2, group="C4"), 64),
     "gcnn": (ModelSpec(name="bench_gcnn", arch="gcnn", depth=2, group="C4", support="full"), 64),
 }
 
@@ -67,7 +72,7 @@ def step_flops(name: str, width: int) -> float:
     ``[out |G|, in, k, k]`` at every pixel (the GCNN builds its filter, then calls conv2d).
     """
     c, h, w = SHAPE
-    if name == "mlp":
+    if name.startswith("mlp"):
         layers = [c * h * w * width, width * width, width * N_OUT]  # multiply-adds per sample
     else:
         g, k, p = 4, 3, h * w
@@ -87,8 +92,7 @@ def bench_model(name: str, members: int, loop_members: int, steps: int, device, 
     ens = Ensemble.from_seeds(module, seeds, init_parameters, device, torch.float32)
 
     def vectorised():
-        _, grads = ens.loss_and_grad(x, y)
-        ens.descend(grads, 0.01)
+        ens.gd_step(x, y, 0.01)
 
     singles = [ens.member(j) for j in range(min(loop_members, members))]
 
@@ -101,17 +105,31 @@ def bench_model(name: str, members: int, loop_members: int, steps: int, device, 
                 for p in m.parameters():
                     p.sub_(p.grad, alpha=0.01)
 
+    block, chunk = ens._plan(x, False, backward=True)
     t_vec = timed(vectorised, device, steps)
+    with patched_block_bytes(2**62):  # every member in one vmap block
+        t_one = timed(vectorised, device, steps) if block < members else t_vec
     t_loop = timed(loop, device, steps) * members / len(singles)  # the loop is linear in members
     flops = step_flops(name, width) * members
     print(f"{name} (width {width}, {members} members, batch {BATCH}, float32, {device}):")
-    print(f"  vectorised  {members / t_vec:9.1f} member-steps/s   {flops / t_vec / 1e9:8.1f} GFLOP/s "
-          f"({flops / t_vec / peak:.0%} of the matmul rate)")
-    print(f"  loop        {members / t_loop:9.1f} member-steps/s   {flops / t_loop / 1e9:8.1f} GFLOP/s "
+    for label, t in [(f"ensemble (blocks of {block}, chunks of {chunk})", t_vec), ("one vmap block", t_one)]:
+        print(f"  {label:34s} {members / t:9.1f} member-steps/s  {flops / t / 1e9:8.1f} GFLOP/s "
+              f"({flops / t / peak:.0%} of the matmul rate)")
+    print(f"  {'loop over members':34s} {members / t_loop:9.1f} member-steps/s  {flops / t_loop / 1e9:8.1f} GFLOP/s "
           f"({flops / t_loop / peak:.0%} of the matmul rate)")
-    print(f"  speed-up of the vectorised ensemble over the loop: {t_loop / t_vec:.1f}x")
+    print(f"  speed-up over the loop: ensemble {t_loop / t_vec:.1f}x, one vmap block {t_loop / t_one:.1f}x")
     if name == "mlp":
         bench_logging(ens, x, y, spec, t_vec)
+
+
+@contextlib.contextmanager
+def patched_block_bytes(value: int):
+    saved = ensemble_module.CPU_BLOCK_BYTES
+    ensemble_module.CPU_BLOCK_BYTES = value
+    try:
+        yield
+    finally:
+        ensemble_module.CPU_BLOCK_BYTES = saved
 
 
 def bench_logging(ens: Ensemble, x, y, spec: ModelSpec, t_step: float) -> None:
@@ -148,8 +166,11 @@ def main() -> None:
     ap.add_argument("--loop-members", type=int, default=64, help="members the loop is timed on (it scales linearly)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.backends.cuda.matmul.allow_tf32 = False  # compare true float32 with true float32

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from study.spec import ModelSpec
+from workers import ensemble as ensemble_module
 from workers.ensemble import Ensemble, member_seeds
 from workers.models import build_model, init_parameters
 
@@ -141,11 +142,38 @@ def test_members_do_not_depend_on_their_companions(data):
         assert torch.equal(p, torch.cat([h.params[name] for h in halves]))
 
 
+@pytest.mark.parametrize("block_bytes, block", [(1, 1), (2 * 40 * 4000, 2)])
+def test_blocks_of_members_give_the_same_numbers(data, monkeypatch, block_bytes, block):
+    x, y = data
+    whole = make_ensemble([1, 2, 3, 4, 5])
+    blocked = make_ensemble([1, 2, 3, 4, 5])
+    monkeypatch.setattr(ensemble_module, "CPU_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(blocked, "_elements_per_sample", {(1, 4, 4): 500})  # 4000 bytes per sample
+    assert blocked._plan(x, False, backward=True)[0] == block
+    monkeypatch.setattr(ensemble_module, "CPU_BLOCK_BYTES", 2**40)
+    assert whole._plan(x, False, backward=True)[0] == 5
+    monkeypatch.setattr(ensemble_module, "CPU_BLOCK_BYTES", block_bytes)
+    # float64 round-off: a block of one runs the plain forward, larger blocks batched matmuls
+    torch.testing.assert_close(blocked.predict(x), whole.predict(x), rtol=1e-12, atol=1e-12)
+    loss, grads = whole.loss_and_grad(x, y)
+    loss_b, grads_b = blocked.loss_and_grad(x, y)
+    torch.testing.assert_close(loss_b, loss, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads_b[name], grads[name], rtol=1e-12, atol=1e-12)
+    xs = torch.stack([x * (j + 1) for j in range(5)])  # a different batch per member
+    torch.testing.assert_close(blocked.predict(xs, True), whole.predict(xs, True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked.loss_and_grad(xs, y, True)[0], whole.loss_and_grad(xs, y, True)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked.gd_step(x, y, 0.5), loss, rtol=1e-12, atol=1e-12)
+    whole.descend(grads, 0.5)
+    for name, p in whole.params.items():
+        torch.testing.assert_close(blocked.params[name], p, rtol=1e-12, atol=1e-12)
+
+
 def test_chunked_batches_give_the_same_loss_and_gradient(data):
     x, y = data
     whole = make_ensemble([1, 2])
     tiny = make_ensemble([1, 2], memory_budget=1)  # one sample per chunk
-    assert tiny._chunk_size(x, False, backward=True) == 1
+    assert tiny._plan(x, False, backward=True)[1] == 1
     loss, grads = whole.loss_and_grad(x, y)
     loss_c, grads_c = tiny.loss_and_grad(x, y)
     # sums over 40 one-sample chunks instead of one reduction: float64 round-off

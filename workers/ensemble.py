@@ -1,11 +1,11 @@
 """A whole ensemble as one vectorised computation (torch.func).
 
 Members share one architecture and differ only in their parameters, which are stacked on
-a leading member axis. The forward pass is
-``vmap(functional_call)`` over that axis, and each member's own full-batch gradient is one
-``vjp`` of the vectorised forward: members do not share parameters, so the gradient of the
-summed loss with respect to member ``j``'s slice is exactly the gradient of member ``j``'s
-own loss.
+a leading member axis. The forward pass is ``vmap(functional_call)`` over that axis, and
+each member's own full-batch gradient is one ``vjp`` of the vectorised forward: members do
+not share parameters, so the gradient of the summed loss with respect to member ``j``'s
+slice is exactly the gradient of member ``j``'s own loss. On a GPU the whole ensemble is one
+block; on a CPU, blocks of members are sized to the caches (``Ensemble._plan``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from study.seeds import member_seed
 # split into chunks so a big eval set or a full-orbit training set never runs out of memory.
 CPU_MEMORY_BUDGET = 2 * 2**30
 CUDA_MEMORY_FRACTION = 0.5  # of the memory free when the ensemble is built
+# Activations of one block of members on a CPU (see Ensemble._plan).
+CPU_BLOCK_BYTES = 32 * 2**20
 
 
 def member_seeds(
@@ -86,47 +88,82 @@ class Ensemble:
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
-    # ----- one member's function, vectorised over members ---------------------------
+    # ----- one member's function, vectorised over a block of members ----------------
     def _member_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, (params, self.buffers), (x,))
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, per_member: bool) -> torch.Tensor:
+        """``[m, b, n_out]`` for a block of ``m`` members (``params`` ``[m, *shape]``)."""
+        if next(iter(params.values())).shape[0] == 1:
+            # a block of one: the plain forward, without vmap's batched kernels
+            out = self._member_forward({n: p[0] for n, p in params.items()}, x[0] if per_member else x)
+            return out.unsqueeze(0)
         return vmap(self._member_forward, in_dims=(0, 0 if per_member else None))(params, x)
+
+    def _pieces(self, x: torch.Tensor, per_member: bool, backward: bool):
+        """``(members slice, sample slice)`` pieces covering the members and the batch."""
+        block, chunk = self._plan(x, per_member, backward)
+        n = x.shape[1] if per_member else x.shape[0]
+        for a in range(0, self.members, block):
+            members = slice(a, min(a + block, self.members))
+            yield members, [slice(c, min(c + chunk, n)) for c in range(0, n, chunk)]
+
+    @staticmethod
+    def _take(x: torch.Tensor, members: slice, samples: slice, per_member: bool) -> torch.Tensor:
+        return x[members, samples] if per_member else x[samples]
 
     # ----- evaluation ----------------------------------------------------------------
     @torch.no_grad()
     def predict(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
         """Every member's outputs, ``[M, B, n_out]``; ``x`` is ``[B, *shape]`` or (per member) ``[M, B, *shape]``."""
-        outs = [
-            self._forward(self.params, xc, per_member)
-            for xc in _chunks(x, self._chunk_size(x, per_member, backward=False), dim=1 if per_member else 0)
-        ]
-        return torch.cat(outs, dim=1)
+        blocks = []
+        for members, chunks in self._pieces(x, per_member, backward=False):
+            params = {k: p[members] for k, p in self.params.items()}
+            outs = [self._forward(params, self._take(x, members, c, per_member), per_member) for c in chunks]
+            blocks.append(torch.cat(outs, dim=1))
+        return torch.cat(blocks, dim=0)
 
     # ----- training --------------------------------------------------------------------
+    def _block_loss_and_grad(self, params, x, y, chunks, per_member, members):
+        """Loss ``[m]`` and gradient of one block of members, summed over sample chunks."""
+        n = y.shape[0]
+        loss, grads = 0.0, None
+        for c in chunks:
+            xc = self._take(x, members, c, per_member)
+            out, pullback = vjp(lambda p: self._forward(p, xc, per_member), params)
+            residual = out - y[c]  # [m, b, n_out]
+            loss = loss + 0.5 * residual.square().sum(dim=(1, 2)) / n
+            (g,) = pullback(residual / n)  # d loss_j / d f_j = (f_j - y) / B
+            grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+        return loss.detach(), grads
+
     def loss_and_grad(
         self, x: torch.Tensor, y: torch.Tensor, per_member: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Each member's loss ``(1/(2B)) sum_i ||f(x_i) - y_i||^2`` (``[M]``) and its gradient (``[M, *shape]``).
+        """Each member's loss ``(1/(2B)) sum_i ||f(x_i) - y_i||^2`` (``[M]``) and its gradient (``[M, *shape]``)."""
+        losses, grads = [], []
+        for members, chunks in self._pieces(x, per_member, backward=True):
+            params = {k: p[members] for k, p in self.params.items()}
+            loss, g = self._block_loss_and_grad(params, x, y, chunks, per_member, members)
+            losses.append(loss)
+            grads.append(g)
+        return torch.cat(losses), {k: torch.cat([g[k] for g in grads]) for k in self.params}
 
-        Large batches are summed chunk by chunk; the loss is over the whole batch ``B``.
-        """
-        n = x.shape[1] if per_member else x.shape[0]
-        chunk = self._chunk_size(x, per_member, backward=True)
-        dim = 1 if per_member else 0
-        loss = torch.zeros(self.members, device=self.device, dtype=self.dtype)
-        grads: dict[str, torch.Tensor] | None = None
-        for xc, yc in zip(_chunks(x, chunk, dim), _chunks(y, chunk, 0)):
-            out, pullback = vjp(lambda p: self._forward(p, xc, per_member), self.params)
-            residual = out - yc  # [M, b, n_out]
-            loss += 0.5 * residual.square().sum(dim=(1, 2)) / n
-            (g,) = pullback(residual / n)  # d loss_j / d f_j = (f_j - y) / B
-            grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-        return loss, grads
+    def gd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, per_member: bool = False) -> torch.Tensor:
+        """One full-batch gradient-descent step of every member, in place; returns the losses before it (``[M]``)."""
+        losses = []
+        for members, chunks in self._pieces(x, per_member, backward=True):
+            params = {k: p[members] for k, p in self.params.items()}  # views: updated in place
+            loss, grads = self._block_loss_and_grad(params, x, y, chunks, per_member, members)
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.sub_(grads[k], alpha=lr)
+            losses.append(loss)
+        return torch.cat(losses)
 
     @torch.no_grad()
     def descend(self, grads: dict[str, torch.Tensor], lr: float) -> None:
-        """One gradient-descent step on every member, in place."""
+        """One gradient-descent step on every member with given gradients, in place."""
         for name, p in self.params.items():
             p.sub_(grads[name], alpha=lr)
 
@@ -139,21 +176,30 @@ class Ensemble:
                 p.copy_(self.params[name][j])
         return module
 
-    # ----- memory -------------------------------------------------------------------------
-    def _chunk_size(self, x: torch.Tensor, per_member: bool, backward: bool) -> int:
-        """Samples per chunk so that ``M`` members' activations stay within the memory budget."""
+    # ----- blocks and chunks ----------------------------------------------------------------
+    def _plan(self, x: torch.Tensor, per_member: bool, backward: bool) -> tuple[int, int]:
+        """Members per block and samples per chunk for the batch ``x``.
+
+        On a GPU all members form one block (one kernel per layer fills the device). On a
+        CPU a block is capped so that its activations stay near the caches: with 2 cores,
+        64 members of a width-512 MLP at batch 256 ran 1.5x slower as one block than in
+        blocks of 2 to 16, while 64 members of width 64 ran 6x faster as one block
+        (benchmarks/ensemble_speed.py). Then samples are chunked so that one block's
+        forward (and backward) stays within the memory budget.
+        """
         shape = tuple(x.shape[2:] if per_member else x.shape[1:])
+        n = x.shape[1] if per_member else x.shape[0]
         if shape not in self._elements_per_sample:
             self._elements_per_sample[shape] = _activation_elements(self.module, shape, self.dtype, self.device)
+        per_sample = self._elements_per_sample[shape] * x.element_size()
+        block = self.members
+        if self.device.type == "cpu":
+            block = min(self.members, max(1, CPU_BLOCK_BYTES // (per_sample * n)))
         # what autograd saves bounds a forward pass's live activations; a backward pass
         # holds those plus their gradients, and vmap may copy inputs once more
         factor = 3 if backward else 1
-        per_sample = self._elements_per_sample[shape] * factor * self.members * x.element_size()
-        return max(1, self.memory_budget // max(per_sample, 1))
-
-
-def _chunks(t: torch.Tensor, size: int, dim: int):
-    return torch.split(t, size, dim=dim) if t.shape[dim] > size else (t,)
+        chunk = min(n, max(1, self.memory_budget // (per_sample * factor * block)))
+        return block, chunk
 
 
 def _default_budget(device: torch.device) -> int:

@@ -100,9 +100,7 @@ def train_gd(
         if k == steps:
             break
         batch = augmentation.next_batch()
-        loss, grads = ensemble.loss_and_grad(batch.x, batch.y, batch.per_member)
-        losses[k] = loss
-        ensemble.descend(grads, lr)
+        losses[k] = ensemble.gd_step(batch.x, batch.y, lr, batch.per_member)
         if (k + 1) % check_every == 0:
             bad = first_bad(k + 1)
             if bad is not None:
