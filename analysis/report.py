@@ -67,6 +67,8 @@ class Summary:
         agr = tables["agreement"]
         self.agr = agr
         self.lrs = sorted(agr["lr"].unique()) if len(agr) else []
+        # Plots of one curve per model use that model's smallest lr (models may have their own lr).
+        self.model_lr = agr.groupby("model")["lr"].min().to_dict() if len(agr) else {}
         # largest width each (model, lr) reached
         self.largest = agr.groupby(["model", "lr"])["width"].max().to_dict() if len(agr) else {}
         self.arch_of = dict(zip(tables["models"]["model"], tables["models"]["arch"]))
@@ -295,19 +297,19 @@ def plot_trajectories(s: Summary, path: Path) -> Optional[str]:
         return None
     sets = s.eval_sets(pts)
     ev = next((e for e in sets if e != "train"), sets[0])
-    lr = s.lrs[0]
     first = next(m for m in s.model_order if ((pts["model"] == m) & pts["mu"].notna()).any())
-    ref = pts[(pts["model"] == first) & (pts["lr"] == lr) & (pts["eval_set"] == ev) & (pts["sample"] == 0)
-              & (pts["group_element"] == 0) & (pts["width"] == s.largest[(first, lr)])]
+    ref = pts[(pts["model"] == first) & (pts["lr"] == s.model_lr[first]) & (pts["eval_set"] == ev) & (pts["sample"] == 0)
+              & (pts["group_element"] == 0) & (pts["width"] == s.largest[(first, s.model_lr[first])])]
     last = ref[ref["step"] == ref["step"].max()]
     if not len(last):
         return None
     output = int(last.loc[last["mu"].abs().idxmax(), "output"])
-    models = [m for m in s.model_order if (m, lr) in s.largest]
+    models = [m for m in s.model_order if (m, s.model_lr.get(m)) in s.largest]
     ncol = min(3, len(models))
     nrow = -(-len(models) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False, sharey=True)
     for ax, m in zip(axes.flat, models):
+        lr = s.model_lr[m]
         w = s.largest[(m, lr)]
         d = pts[(pts["model"] == m) & (pts["lr"] == lr) & (pts["width"] == w) & (pts["eval_set"] == ev)
                 & (pts["sample"] == 0) & (pts["group_element"] == 0) & (pts["output"] == output)].sort_values("time")
@@ -319,13 +321,13 @@ def plot_trajectories(s: Summary, path: Path) -> Optional[str]:
             band = 2 * np.sqrt(d["var_theory"] / d["members"])
             ax.plot(t, d["mu"] - band, "k:", lw=0.8)
             ax.plot(t, d["mu"] + band, "k:", lw=0.8, label="analytic ± 2 SE")
-        ax.set_title(f"{m}, width {w}, M={int(d['members'].min())}", fontsize=9)
+        ax.set_title(f"{m}, width {w}, lr {lr:g}, M={int(d['members'].min())}", fontsize=9)
         _time_axis(ax, lr)
     for ax in axes.flat[len(models):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     axes.flat[0].set_ylabel(f"f(x), output {output}")
-    fig.suptitle(f"Ensemble mean against theory: {ev} sample 0, identity orbit point, lr {lr:g}", fontsize=10)
+    fig.suptitle(f"Ensemble mean against theory: {ev} sample 0, identity orbit point", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -422,7 +424,7 @@ def plot_orbit_spread(s: Summary, path: Path) -> Optional[str]:
     fig, axes, sets = _per_eval_axes(s, sp, "orbit spread")
     for ax, ev in zip(axes, sets):
         for i, m in enumerate(s.model_order):
-            d = sp[(sp["model"] == m) & (sp["eval_set"] == ev) & (sp["lr"] == s.lrs[0])].sort_values("width")
+            d = sp[(sp["model"] == m) & (sp["eval_set"] == ev) & (sp["lr"] == s.model_lr.get(m))].sort_values("width")
             if not len(d):
                 continue
             ax.loglog(d["width"], np.maximum(d["spread"], 1e-12), "o-", color=f"C{i % 10}", label=m)
@@ -467,7 +469,7 @@ def plot_variance_ratio(s: Summary, path: Path) -> Optional[str]:
     fig, axes, sets = _per_eval_axes(s, a, "ensemble var / analytic var")
     for ax, ev in zip(axes, sets):
         for i, m in enumerate(s.model_order):
-            d = a[(a["model"] == m) & (a["eval_set"] == ev) & (a["lr"] == s.lrs[0])].sort_values("time")
+            d = a[(a["model"] == m) & (a["eval_set"] == ev) & (a["lr"] == s.model_lr.get(m))].sort_values("time")
             if len(d):
                 ax.plot(d["time"], d["var_ratio"], "o-", color=f"C{i % 10}", label=m)
         ax.axhline(1, color="grey", lw=0.8)

@@ -287,7 +287,7 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
     digest = resolved["data_digest"]
     result, todo = {}, []
     for spec in cfg.model_specs:
-        for lr in cfg.lrs:
+        for lr in cfg.lrs_of(spec.name):
             key = cache_key(spec, lr, steps, digest)
             th = _load(cache_path(out, spec.name, lr), key, spec.name, lr)
             if th is None:

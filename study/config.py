@@ -190,6 +190,11 @@ class StudyConfig(_Strict):
                 not isinstance(ws, list) or not ws or any(not isinstance(w, int) or w <= 0 for w in ws)
             ):
                 raise ValueError(f"models.{i}.widths: {ws} must be a list of positive integers, e.g. [16, 64, 256]")
+            lr = m.get("lr")
+            if lr is not None:
+                for x in lr if isinstance(lr, list) else [lr]:
+                    if not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)):
+                        raise ValueError(f"models.{i}.lr: learning rate {x} must be positive and finite")
         names = [m.name for m in specs]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -202,6 +207,7 @@ class StudyConfig(_Strict):
         for i, m in enumerate(self.models):
             m = dict(m)
             m.pop("widths", None)
+            m.pop("lr", None)
             m.setdefault("group", self.group)
             try:
                 out.append(ModelSpec(**m))
@@ -211,10 +217,21 @@ class StudyConfig(_Strict):
 
     def widths_of(self, model_name: str) -> list[int]:
         """A model's own ``widths`` (when its entry gives them), else the study's."""
+        own = self._override(model_name, "widths")
+        return sorted(own) if own is not None else self.widths
+
+    def lrs_of(self, model_name: str) -> list[float]:
+        """A model's own ``lr`` (a number or a list, when its entry gives one), else the study's."""
+        own = self._override(model_name, "lr")
+        if own is None:
+            return self.lrs
+        return [float(x) for x in (own if isinstance(own, list) else [own])]
+
+    def _override(self, model_name: str, key: str):
         for m in self.models:
-            if m.get("name") == model_name and "widths" in m:
-                return sorted(m["widths"])
-        return self.widths
+            if m.get("name") == model_name and key in m:
+                return m[key]
+        return None
 
     @property
     def lrs(self) -> list[float]:

@@ -50,7 +50,7 @@ def expand(cfg: StudyConfig, data_digest: str) -> list[UnitSpec]:
     size = cfg.unit_size
     for model in cfg.model_specs:
         for width in cfg.widths_of(model.name):
-            for lr in cfg.lrs:
+            for lr in cfg.lrs_of(model.name):
                 for start in range(0, cfg.ensemble_size, size):
                     fields = dict(
                         study_seed=cfg.seed,
