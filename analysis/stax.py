@@ -442,7 +442,7 @@ class LiftBasisRule(_Linear):
         if meta.kind != "input":
             raise ValueError("a lifting layer reads the input images")
         self.k, self.padding, self.G, self.right_inv = layer.kernel_size, layer.padding, group.order, right_inv
-        T = np.asarray(basis.tensor, dtype=np.float64)  # [D, G, 1, k, k]
+        T = np.array(basis.tensor, dtype=np.float64)  # [D, G, 1, k, k] (a writable copy)
         self.T = torch.from_numpy(T.reshape(T.shape[0], T.shape[1], -1))  # [D, G, kk]
         self.fan = basis.fan_in_per_field
         h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
@@ -541,7 +541,7 @@ class GroupLiftRule(_Linear):
         self.G = G
         self.perm = torch.from_numpy(np.asarray(perm, dtype=np.int64))  # [G, d]
         self.rel = torch.from_numpy(group.mul[np.arange(G)[:, None], group.inverse[None, :]])  # a a'^-1
-        self.T = None if basis is None else torch.from_numpy(np.asarray(basis.tensor, dtype=np.float64))
+        self.T = None if basis is None else torch.from_numpy(np.array(basis.tensor, dtype=np.float64))
         self.fan = meta.d if basis is None else basis.fan_in_per_field
         self.meta_out = Meta("group", G)
 
