@@ -2,8 +2,8 @@
 
 For each model (2-hidden-layer MLPs of width 512 and 64 and a 2-layer width-64 C4 GCNN,
 1x8x8 inputs, full batch 256, 10 outputs) it times full-batch gradient-descent steps of
-- the ensemble as ``train_gd`` runs it (``Ensemble.gd_step``: vmap + vjp over blocks of
-  members; one block on a GPU, cache-sized blocks on a CPU),
+- the ensemble as ``train_gd`` runs it (``Ensemble.gd_step``: vmap + vjp, all members in
+  one block on a GPU; on a CPU, members too big to gain from vmap run one at a time),
 - the whole ensemble as one vmap block, and
 - a plain loop over the same members (one ``nn.Module`` each, autograd, in-place update),
 and prints member-steps per second, their ratio, and the achieved FLOP/s (forward +
@@ -105,14 +105,15 @@ def bench_model(name: str, members: int, loop_members: int, steps: int, device, 
                 for p in m.parameters():
                     p.sub_(p.grad, alpha=0.01)
 
-    block, chunk = ens._plan(x, False, backward=True)
+    block, chunk, vectorise = ens._plan(x, False, backward=True)
+    plan = f"vmap blocks of {block}" if vectorise else "one member at a time"
     t_vec = timed(vectorised, device, steps)
-    with patched_block_bytes(2**62):  # every member in one vmap block
-        t_one = timed(vectorised, device, steps) if block < members else t_vec
+    with one_vmap_block():
+        t_one = timed(vectorised, device, steps) if block < members or not vectorise else t_vec
     t_loop = timed(loop, device, steps) * members / len(singles)  # the loop is linear in members
     flops = step_flops(name, width) * members
     print(f"{name} (width {width}, {members} members, batch {BATCH}, float32, {device}):")
-    for label, t in [(f"ensemble (blocks of {block}, chunks of {chunk})", t_vec), ("one vmap block", t_one)]:
+    for label, t in [(f"ensemble ({plan}, chunks of {chunk})", t_vec), ("one vmap block", t_one)]:
         print(f"  {label:34s} {members / t:9.1f} member-steps/s  {flops / t / 1e9:8.1f} GFLOP/s "
               f"({flops / t / peak:.0%} of the matmul rate)")
     print(f"  {'loop over members':34s} {members / t_loop:9.1f} member-steps/s  {flops / t_loop / 1e9:8.1f} GFLOP/s "
@@ -123,13 +124,14 @@ def bench_model(name: str, members: int, loop_members: int, steps: int, device, 
 
 
 @contextlib.contextmanager
-def patched_block_bytes(value: int):
-    saved = ensemble_module.CPU_BLOCK_BYTES
-    ensemble_module.CPU_BLOCK_BYTES = value
+def one_vmap_block():
+    """Every member in one vmap block, whatever the CPU rule (``Ensemble._plan``) says."""
+    saved = ensemble_module.CPU_BLOCK_BYTES, ensemble_module.CPU_VMAP_MEMBER_BYTES
+    ensemble_module.CPU_BLOCK_BYTES = ensemble_module.CPU_VMAP_MEMBER_BYTES = 2**62
     try:
         yield
     finally:
-        ensemble_module.CPU_BLOCK_BYTES = saved
+        ensemble_module.CPU_BLOCK_BYTES, ensemble_module.CPU_VMAP_MEMBER_BYTES = saved
 
 
 def bench_logging(ens: Ensemble, x, y, spec: ModelSpec, t_step: float) -> None:

@@ -145,35 +145,42 @@ def test_members_do_not_depend_on_their_companions(data):
 @pytest.mark.parametrize("block_bytes, block", [(1, 1), (2 * 40 * 4000, 2)])
 def test_blocks_of_members_give_the_same_numbers(data, monkeypatch, block_bytes, block):
     x, y = data
-    whole = make_ensemble([1, 2, 3, 4, 5])
-    blocked = make_ensemble([1, 2, 3, 4, 5])
+    xs = torch.stack([x * (j + 1) for j in range(5)])  # a different batch per member
+    whole, blocked = make_ensemble([1, 2, 3, 4, 5]), make_ensemble([1, 2, 3, 4, 5])
+    assert whole._plan(x, False, backward=True) == (5, 40, True)
+    expected = (whole.predict(x), whole.predict(xs, True), whole.loss_and_grad(x, y), whole.loss_and_grad(xs, y, True))
     monkeypatch.setattr(ensemble_module, "CPU_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(blocked, "_elements_per_sample", {(1, 4, 4): 500})  # 4000 bytes per sample
-    assert blocked._plan(x, False, backward=True)[0] == block
-    monkeypatch.setattr(ensemble_module, "CPU_BLOCK_BYTES", 2**40)
-    assert whole._plan(x, False, backward=True)[0] == 5
-    monkeypatch.setattr(ensemble_module, "CPU_BLOCK_BYTES", block_bytes)
-    # float64 round-off: a block of one runs the plain forward, larger blocks batched matmuls
-    torch.testing.assert_close(blocked.predict(x), whole.predict(x), rtol=1e-12, atol=1e-12)
+    assert blocked._plan(x, False, backward=True) == (block, 40, True)
+    got = (blocked.predict(x), blocked.predict(xs, True), blocked.loss_and_grad(x, y), blocked.loss_and_grad(xs, y, True))
+    # exact: a member's slice of a batched computation does not depend on the other members
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for (loss_b, grads_b), (loss, grads) in zip(got[2:], expected[2:]):
+        assert torch.equal(loss_b, loss) and all(torch.equal(grads_b[k], grads[k]) for k in grads)
+    assert torch.equal(blocked.gd_step(x, y, 0.5), expected[2][0])
+    whole.descend(expected[2][1], 0.5)
+    assert all(torch.equal(blocked.params[k], p) for k, p in whole.params.items())
+
+
+def test_members_too_big_to_batch_run_the_plain_forward(data, monkeypatch):
+    x, y = data
+    whole, plain = make_ensemble([1, 2, 3]), make_ensemble([1, 2, 3])
+    monkeypatch.setattr(ensemble_module, "CPU_VMAP_MEMBER_BYTES", 0)
+    assert plain._plan(x, False, backward=True) == (1, 40, False)
+    # float64 round-off: plain against batched matmuls
+    torch.testing.assert_close(plain.predict(x), whole.predict(x), rtol=1e-12, atol=1e-12)
     loss, grads = whole.loss_and_grad(x, y)
-    loss_b, grads_b = blocked.loss_and_grad(x, y)
-    torch.testing.assert_close(loss_b, loss, rtol=1e-12, atol=1e-12)
-    for name in grads:
-        torch.testing.assert_close(grads_b[name], grads[name], rtol=1e-12, atol=1e-12)
-    xs = torch.stack([x * (j + 1) for j in range(5)])  # a different batch per member
-    torch.testing.assert_close(blocked.predict(xs, True), whole.predict(xs, True), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(blocked.loss_and_grad(xs, y, True)[0], whole.loss_and_grad(xs, y, True)[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(blocked.gd_step(x, y, 0.5), loss, rtol=1e-12, atol=1e-12)
-    whole.descend(grads, 0.5)
-    for name, p in whole.params.items():
-        torch.testing.assert_close(blocked.params[name], p, rtol=1e-12, atol=1e-12)
+    loss_p, grads_p = plain.loss_and_grad(x, y)
+    torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=1e-12)
+    for k in grads:
+        torch.testing.assert_close(grads_p[k], grads[k], rtol=1e-12, atol=1e-12)
 
 
 def test_chunked_batches_give_the_same_loss_and_gradient(data):
     x, y = data
     whole = make_ensemble([1, 2])
     tiny = make_ensemble([1, 2], memory_budget=1)  # one sample per chunk
-    assert tiny._plan(x, False, backward=True)[1] == 1
+    assert tiny._plan(x, False, backward=True)[1] == 1  # one sample per chunk
     loss, grads = whole.loss_and_grad(x, y)
     loss_c, grads_c = tiny.loss_and_grad(x, y)
     # sums over 40 one-sample chunks instead of one reduction: float64 round-off

@@ -22,9 +22,11 @@ from study.seeds import member_seed
 # Working memory a chunk of a forward (or forward + backward) may use. Large batches are
 # split into chunks so a big eval set or a full-orbit training set never runs out of memory.
 CPU_MEMORY_BUDGET = 2 * 2**30
-CUDA_MEMORY_FRACTION = 0.5  # of the memory free when the ensemble is built
-# Activations of one block of members on a CPU (see Ensemble._plan).
-CPU_BLOCK_BYTES = 32 * 2**20
+CUDA_MEMORY_FRACTION = 0.5  # of the GPU's memory
+# On a CPU, members are batched with vmap only while one member's activations stay under
+# CPU_VMAP_MEMBER_BYTES, in blocks of at most CPU_BLOCK_BYTES (see Ensemble._plan).
+CPU_VMAP_MEMBER_BYTES = 2**20
+CPU_BLOCK_BYTES = 256 * 2**20
 
 
 def member_seeds(
@@ -92,21 +94,23 @@ class Ensemble:
     def _member_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, (params, self.buffers), (x,))
 
-    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, per_member: bool) -> torch.Tensor:
-        """``[m, b, n_out]`` for a block of ``m`` members (``params`` ``[m, *shape]``)."""
-        if next(iter(params.values())).shape[0] == 1:
-            # a block of one: the plain forward, without vmap's batched kernels
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, per_member: bool, vectorise: bool = True):
+        """``[m, b, n_out]`` for a block of ``m`` members (``params`` ``[m, *shape]``).
+
+        ``vectorise=False`` (blocks of one member only) runs the plain forward.
+        """
+        if not vectorise:
             out = self._member_forward({n: p[0] for n, p in params.items()}, x[0] if per_member else x)
             return out.unsqueeze(0)
         return vmap(self._member_forward, in_dims=(0, 0 if per_member else None))(params, x)
 
     def _pieces(self, x: torch.Tensor, per_member: bool, backward: bool):
-        """``(members slice, sample slice)`` pieces covering the members and the batch."""
-        block, chunk = self._plan(x, per_member, backward)
+        """``(members slice, sample slices, vectorise)`` pieces covering the members and the batch."""
+        block, chunk, vectorise = self._plan(x, per_member, backward)
         n = x.shape[1] if per_member else x.shape[0]
         for a in range(0, self.members, block):
             members = slice(a, min(a + block, self.members))
-            yield members, [slice(c, min(c + chunk, n)) for c in range(0, n, chunk)]
+            yield members, [slice(c, min(c + chunk, n)) for c in range(0, n, chunk)], vectorise
 
     @staticmethod
     def _take(x: torch.Tensor, members: slice, samples: slice, per_member: bool) -> torch.Tensor:
@@ -117,20 +121,20 @@ class Ensemble:
     def predict(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
         """Every member's outputs, ``[M, B, n_out]``; ``x`` is ``[B, *shape]`` or (per member) ``[M, B, *shape]``."""
         blocks = []
-        for members, chunks in self._pieces(x, per_member, backward=False):
+        for members, chunks, vec in self._pieces(x, per_member, backward=False):
             params = {k: p[members] for k, p in self.params.items()}
-            outs = [self._forward(params, self._take(x, members, c, per_member), per_member) for c in chunks]
+            outs = [self._forward(params, self._take(x, members, c, per_member), per_member, vec) for c in chunks]
             blocks.append(torch.cat(outs, dim=1))
         return torch.cat(blocks, dim=0)
 
     # ----- training --------------------------------------------------------------------
-    def _block_loss_and_grad(self, params, x, y, chunks, per_member, members):
+    def _block_loss_and_grad(self, params, x, y, chunks, per_member, members, vectorise):
         """Loss ``[m]`` and gradient of one block of members, summed over sample chunks."""
         n = y.shape[0]
         loss, grads = 0.0, None
         for c in chunks:
             xc = self._take(x, members, c, per_member)
-            out, pullback = vjp(lambda p: self._forward(p, xc, per_member), params)
+            out, pullback = vjp(lambda p: self._forward(p, xc, per_member, vectorise), params)
             residual = out - y[c]  # [m, b, n_out]
             loss = loss + 0.5 * residual.square().sum(dim=(1, 2)) / n
             (g,) = pullback(residual / n)  # d loss_j / d f_j = (f_j - y) / B
@@ -142,9 +146,9 @@ class Ensemble:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each member's loss ``(1/(2B)) sum_i ||f(x_i) - y_i||^2`` (``[M]``) and its gradient (``[M, *shape]``)."""
         losses, grads = [], []
-        for members, chunks in self._pieces(x, per_member, backward=True):
+        for members, chunks, vec in self._pieces(x, per_member, backward=True):
             params = {k: p[members] for k, p in self.params.items()}
-            loss, g = self._block_loss_and_grad(params, x, y, chunks, per_member, members)
+            loss, g = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec)
             losses.append(loss)
             grads.append(g)
         return torch.cat(losses), {k: torch.cat([g[k] for g in grads]) for k in self.params}
@@ -152,9 +156,9 @@ class Ensemble:
     def gd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, per_member: bool = False) -> torch.Tensor:
         """One full-batch gradient-descent step of every member, in place; returns the losses before it (``[M]``)."""
         losses = []
-        for members, chunks in self._pieces(x, per_member, backward=True):
+        for members, chunks, vec in self._pieces(x, per_member, backward=True):
             params = {k: p[members] for k, p in self.params.items()}  # views: updated in place
-            loss, grads = self._block_loss_and_grad(params, x, y, chunks, per_member, members)
+            loss, grads = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec)
             with torch.no_grad():
                 for k, p in params.items():
                     p.sub_(grads[k], alpha=lr)
@@ -177,35 +181,42 @@ class Ensemble:
         return module
 
     # ----- blocks and chunks ----------------------------------------------------------------
-    def _plan(self, x: torch.Tensor, per_member: bool, backward: bool) -> tuple[int, int]:
-        """Members per block and samples per chunk for the batch ``x``.
+    def _plan(self, x: torch.Tensor, per_member: bool, backward: bool) -> tuple[int, int, bool]:
+        """Members per block, samples per chunk, and whether blocks are vmapped, for the batch ``x``.
 
-        On a GPU all members form one block (one kernel per layer fills the device). On a
-        CPU a block is capped so that its activations stay near the caches: with 2 cores,
-        64 members of a width-512 MLP at batch 256 ran 1.5x slower as one block than in
-        blocks of 2 to 16, while 64 members of width 64 ran 6x faster as one block
-        (benchmarks/ensemble_speed.py). Then samples are chunked so that one block's
-        forward (and backward) stays within the memory budget.
+        On a GPU all members form one block: one kernel per layer fills the device. On a
+        CPU, vmap pays only while a member's own work is too small to keep the cores busy:
+        measured on 2 cores (batch 128-256), 64 members of a width-64 MLP ran 6x faster as
+        one block than one at a time, while a width-512 MLP, a width-1024 group MLP and a
+        width-16 GCNN ran 1.5x to 3x slower as one block (batched activations leave the
+        caches; vmapped convolutions become grouped convolutions). Members whose
+        activations exceed ``CPU_VMAP_MEMBER_BYTES`` therefore run one at a time through the
+        plain forward. The choice depends on the model and the batch only, never on how many
+        members the unit has, so a member takes the same path whichever unit trains it. Then
+        samples are chunked so that a block stays within the memory budget.
         """
         shape = tuple(x.shape[2:] if per_member else x.shape[1:])
         n = x.shape[1] if per_member else x.shape[0]
         if shape not in self._elements_per_sample:
             self._elements_per_sample[shape] = _activation_elements(self.module, shape, self.dtype, self.device)
         per_sample = self._elements_per_sample[shape] * x.element_size()
-        block = self.members
+        block, vectorise = self.members, True
         if self.device.type == "cpu":
-            block = min(self.members, max(1, CPU_BLOCK_BYTES // (per_sample * n)))
+            per_member = per_sample * n
+            vectorise = per_member <= CPU_VMAP_MEMBER_BYTES
+            block = min(self.members, max(1, CPU_BLOCK_BYTES // per_member)) if vectorise else 1
         # what autograd saves bounds a forward pass's live activations; a backward pass
         # holds those plus their gradients, and vmap may copy inputs once more
         factor = 3 if backward else 1
         chunk = min(n, max(1, self.memory_budget // (per_sample * factor * block)))
-        return block, chunk
+        return block, chunk, vectorise
 
 
 def _default_budget(device: torch.device) -> int:
+    # from the device's total memory, not what is free now, so the chunks (and with them
+    # the summation order) are the same in every run
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_MEMORY_FRACTION)
+        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_MEMORY_FRACTION)
     return CPU_MEMORY_BUDGET
 
 
