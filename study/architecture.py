@@ -147,5 +147,6 @@ def layer_plan(spec: ModelSpec, input_shape: tuple[int, ...], n_out: int) -> lis
         layers.append(GroupPool())
     else:  # pragma: no cover - the spec's Literal already rules this out
         raise ValueError(f"arch: unknown architecture {spec.arch!r}")
-    layers.append(Dense(n_out, aff))
+    readout = Affine(spec.readout_sigma_w or spec.sigma_w, spec.sigma_b, spec.bias)
+    layers.append(Dense(n_out, readout))
     return layers

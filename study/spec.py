@@ -6,7 +6,7 @@ are meaningful.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +48,9 @@ class ModelSpec(BaseModel):
     sigma_w: float = Field(1.0, gt=0)
     sigma_b: float = Field(0.0, ge=0)
     bias: bool = True
+    # The readout's weight scale (default: sigma_w). A small readout scale shrinks the
+    # random initial function (the ensemble's spread) relative to what training fits.
+    readout_sigma_w: Optional[float] = Field(None, gt=0)
 
     @field_validator("group")
     @classmethod
