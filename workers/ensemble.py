@@ -97,11 +97,11 @@ class Ensemble:
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, per_member: bool, vectorise: bool = True):
         """``[m, b, n_out]`` for a block of ``m`` members (``params`` ``[m, *shape]``).
 
-        ``vectorise=False`` (blocks of one member only) runs the plain forward.
+        ``vectorise=False``: one member, whose ``params`` have no member axis, through the
+        plain forward.
         """
         if not vectorise:
-            out = self._member_forward({n: p[0] for n, p in params.items()}, x[0] if per_member else x)
-            return out.unsqueeze(0)
+            return self._member_forward(params, x[0] if per_member else x).unsqueeze(0)
         return vmap(self._member_forward, in_dims=(0, 0 if per_member else None))(params, x)
 
     def _pieces(self, x: torch.Tensor, per_member: bool, backward: bool):
@@ -111,6 +111,11 @@ class Ensemble:
         for a in range(0, self.members, block):
             members = slice(a, min(a + block, self.members))
             yield members, [slice(c, min(c + chunk, n)) for c in range(0, n, chunk)], vectorise
+
+    def _block_params(self, members: slice, vectorise: bool) -> dict[str, torch.Tensor]:
+        """Views of a block's parameters (``[m, *shape]``, or ``[*shape]`` for one plain member)."""
+        index = members if vectorise else members.start
+        return {k: p[index] for k, p in self.params.items()}
 
     @staticmethod
     def _take(x: torch.Tensor, members: slice, samples: slice, per_member: bool) -> torch.Tensor:
@@ -122,7 +127,7 @@ class Ensemble:
         """Every member's outputs, ``[M, B, n_out]``; ``x`` is ``[B, *shape]`` or (per member) ``[M, B, *shape]``."""
         blocks = []
         for members, chunks, vec in self._pieces(x, per_member, backward=False):
-            params = {k: p[members] for k, p in self.params.items()}
+            params = self._block_params(members, vec)
             outs = [self._forward(params, self._take(x, members, c, per_member), per_member, vec) for c in chunks]
             blocks.append(torch.cat(outs, dim=1))
         return torch.cat(blocks, dim=0)
@@ -147,17 +152,17 @@ class Ensemble:
         """Each member's loss ``(1/(2B)) sum_i ||f(x_i) - y_i||^2`` (``[M]``) and its gradient (``[M, *shape]``)."""
         losses, grads = [], []
         for members, chunks, vec in self._pieces(x, per_member, backward=True):
-            params = {k: p[members] for k, p in self.params.items()}
+            params = self._block_params(members, vec)
             loss, g = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec)
             losses.append(loss)
-            grads.append(g)
+            grads.append(g if vec else {k: v.unsqueeze(0) for k, v in g.items()})
         return torch.cat(losses), {k: torch.cat([g[k] for g in grads]) for k in self.params}
 
     def gd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, per_member: bool = False) -> torch.Tensor:
         """One full-batch gradient-descent step of every member, in place; returns the losses before it (``[M]``)."""
         losses = []
         for members, chunks, vec in self._pieces(x, per_member, backward=True):
-            params = {k: p[members] for k, p in self.params.items()}  # views: updated in place
+            params = self._block_params(members, vec)  # views: updated in place
             loss, grads = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec)
             with torch.no_grad():
                 for k, p in params.items():
