@@ -81,3 +81,15 @@ def test_finished_directory_not_overwritten(study, first_run, capsys):
 def test_status(first_run, capsys):
     assert main(["status", str(first_run)]) == 0
     assert "8 done, 0 diverged, 0 failed, 0 pending" in capsys.readouterr().out
+
+
+def test_corrupt_part_named_by_analyze(first_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(first_run, out)
+    part = sorted((out / "predictions").rglob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: len(part.read_bytes()) // 2])
+    assert main(["analyze", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(part) in err and "eqntk run" in err
