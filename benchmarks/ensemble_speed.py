@@ -1,6 +1,6 @@
 """Speed of the vectorised ensemble against a per-member Python loop, in one run.
 
-For each model (2-hidden-layer MLPs of width 512 and 64 and a 2-layer width-64 C4 GCNN,
+For each model (2-hidden-layer MLPs of width 512 and 64, 2-layer C4 GCNNs of width 64 and 4,
 1x8x8 inputs, full batch 256, 10 outputs) it times full-batch gradient-descent steps of
 - the ensemble as ``train_gd`` runs it (``Ensemble.gd_step``: vmap + vjp, all members in
   one block on a GPU; on a CPU, members too big to gain from vmap run one at a time),
@@ -37,6 +37,7 @@ MODELS = {
     "mlp": (ModelSpec(name="bench_mlp", arch="mlp", depth=2, group="C4"), 512),
     "mlp64": (ModelSpec(name="bench_mlp", arch="mlp", depth=2, group="C4"), 64),
     "gcnn": (ModelSpec(name="bench_gcnn", arch="gcnn", depth=2, group="C4", support="full"), 64),
+    "gcnn4": (ModelSpec(name="bench_gcnn", arch="gcnn", depth=2, group="C4", support="full"), 4),
 }
 
 
@@ -64,7 +65,7 @@ def matmul_flops(device, n: int) -> float:
     return 2 * n**3 / timed(lambda: a @ b, device, 5)
 
 
-def step_flops(name: str, width: int) -> float:
+def step_flops(spec: ModelSpec, width: int) -> float:
     """Forward + backward FLOPs of one member's full-batch step (multiply-add = 2 FLOPs).
 
     Backward = weight gradients (as many FLOPs as the forward) + input gradients of every
@@ -72,7 +73,7 @@ def step_flops(name: str, width: int) -> float:
     ``[out |G|, in, k, k]`` at every pixel (the GCNN builds its filter, then calls conv2d).
     """
     c, h, w = SHAPE
-    if name.startswith("mlp"):
+    if spec.arch == "mlp":
         layers = [c * h * w * width, width * width, width * N_OUT]  # multiply-adds per sample
     else:
         g, k, p = 4, 3, h * w
@@ -111,7 +112,7 @@ def bench_model(name: str, members: int, loop_members: int, steps: int, device, 
     with one_vmap_block():
         t_one = timed(vectorised, device, steps) if block < members or not vectorise else t_vec
     t_loop = timed(loop, device, steps) * members / len(singles)  # the loop is linear in members
-    flops = step_flops(name, width) * members
+    flops = step_flops(spec, width) * members
     print(f"{name} (width {width}, {members} members, batch {BATCH}, float32, {device}):")
     for label, t in [(f"ensemble ({plan}, chunks of {chunk})", t_vec), ("one vmap block", t_one)]:
         print(f"  {label:34s} {members / t:9.1f} member-steps/s  {flops / t / 1e9:8.1f} GFLOP/s "
