@@ -144,6 +144,9 @@ def diagonal_shift_sum(x: torch.Tensor, k: int, padding: str, ap: int, aq: int |
     return out
 
 
+_MAX_SPECTRUM_BYTES = 3 * 2**30
+
+
 class TorusCorrelation:
     """A multi-channel 4D correlation over pairs of positions ``(p, q)``, by FFT.
 
@@ -161,6 +164,14 @@ class TorusCorrelation:
         self.sizes = (height + extra, width + extra, height + extra, width + extra)
         shift = lo if padding == "valid" else 0  # valid output i reads input i + lo + delta
         n_out, n_in = w.shape[:2]
+        n_freq = self.sizes[0] * self.sizes[1] * self.sizes[2] * (self.sizes[3] // 2 + 1)
+        need = 16 * n_out * n_in * n_freq
+        if need > _MAX_SPECTRUM_BYTES:
+            raise MemoryError(
+                f"the filter spectrum of this layer needs {need / 2**30:.1f} GiB ({n_out} x {n_in} channels on a "
+                f"{self.sizes} torus). Without right invariance the channels are pairs of group elements; "
+                "a basis whose covariance is right invariant needs |G| times fewer (see analysis.stax.right_invariant)"
+            )
         torus = np.zeros((n_out, n_in) + self.sizes)
         tap = np.arange(k)
         rows = (tap - lo + shift) % self.sizes[0]

@@ -9,9 +9,11 @@ kernel, the relative Frobenius deviations obey (THEORY section 2):
   O(1/sqrt(w)) plus an O(1/w) bias), so ``r(w0) / r(w2)`` should be about ``sqrt(16) = 4``. We
   require > 2: a wrong kernel makes ``r`` plateau at the size of the error (ratio -> 1).
 - the mean over ``n`` initialisations: ``e(w) ~ sqrt((b/w)^2 + r(w)^2 / n)``. We require
-  ``e(w2) <= 3 r(w2) / sqrt(n) + 8 / w2``: three standard deviations of the fluctuation plus
-  a bias allowance ``b <= 8`` (the largest 1/width bias coefficient measured by
-  benchmarks/kernel_convergence.py on these families, about 3 % at width 256).
+  ``e(w2) <= 3 r(w2) / sqrt(n)``: the mean is within three standard deviations of its own
+  fluctuation, i.e. no bias is resolved at width w2. The O(1/width) bias is below that noise
+  for these families: benchmarks/kernel_convergence.py measures ``e / (r / sqrt(n))`` at most
+  about 1.8 for every family and width up to 1024 (16 seeds); a wrong kernel leaves ``e`` at
+  the size of the error however many seeds are used.
 
 Small inputs keep the finite networks cheap; the full curves to width 1024+ are in
 benchmarks/kernel_convergence.py, and ``--runslow`` adds z-tests with many seeds.
@@ -27,7 +29,6 @@ from study.spec import ModelSpec
 from workers.models import build_model, init_parameters
 
 N_SEEDS = 8
-BIAS_COEFF = 8.0  # see the module docstring
 
 FAMILIES = [
     ("mlp", dict(), (2, 4, 4), (16, 64, 256)),
@@ -72,7 +73,7 @@ def test_finite_kernels_converge_to_analytic(arch, kw, shape, widths):
         r = {w: np.sqrt(np.mean([np.linalg.norm(m - theta) ** 2 for m in samples[w][i]])) / norm for w in widths}
         e2 = np.linalg.norm(samples[w2][i].mean(0) - theta) / norm
         assert r[w0] / r[w2] > 2.0, f"{name}: single-init deviation {r} does not fall with width"
-        bound = 3 * r[w2] / np.sqrt(N_SEEDS) + BIAS_COEFF / w2
+        bound = 3 * r[w2] / np.sqrt(N_SEEDS)
         assert e2 <= bound, f"{name}: mean deviation {e2:.4f} at width {w2} exceeds {bound:.4f}"
 
 
