@@ -30,7 +30,7 @@ class Prepared:
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
         self.cfg: StudyConfig = load_study(path)
-        self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent)
+        self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
         for i, spec in enumerate(self.cfg.model_specs):
             try:
                 check_model_input(spec, self.data.input_shape)
@@ -63,6 +63,10 @@ def units_of(store) -> list:
 
 # ----- commands ------------------------------------------------------------------------
 def cmd_validate(args) -> int:
+    from . import regression
+
+    if regression.is_regression_study(Path(args.study)):
+        return regression.cmd_validate(Path(args.study))
     p = Prepared(Path(args.study))
     cfg = p.cfg
     print(f"study {cfg.name}: valid")
@@ -81,7 +85,12 @@ def cmd_run(args) -> int:
     from .runner import run_units
     from .store import ResultStore
 
+    from . import regression
+
     study_path = Path(args.study) if args.study else builtin_study_path(quick=args.quick)
+    if regression.is_regression_study(study_path):
+        return regression.cmd_run(study_path, Path(args.out) if args.out else None, args.address,
+                                  analysis=not args.no_analysis)
     p = Prepared(study_path)
     out = Path(args.out) if args.out else Path("results") / p.cfg.name
     store = ResultStore(out)
@@ -129,9 +138,13 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from .store import ResultStore
 
+    from . import regression
+
     store = ResultStore(args.dir)
     if not store.exists():
         raise StudyError(f"DIR: {args.dir} is not an eqntk results directory (no study.json)")
+    if regression.is_regression_dir(Path(args.dir)):
+        return regression.cmd_status(Path(args.dir))
     units = units_of(store)
     states = store.unit_states(units)
     counts = Counter(states.values())
@@ -146,6 +159,13 @@ def cmd_status(args) -> int:
 
 
 def _analyze(out: Path, report: bool) -> None:
+    from . import regression
+
+    if regression.is_regression_dir(out):
+        regression.analyze(out)
+        if report:
+            regression.report(out)
+        return
     try:
         from analysis import pipeline
     except ImportError:

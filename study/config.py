@@ -45,6 +45,24 @@ class NpzSource(_Strict):
     grayscale: bool = False
 
 
+class RotatedDigitsSource(_Strict):
+    """scikit-learn's digits (same seeded order as ``digits``), each turned by a random element
+    of ``group`` (default: the study's group), drawn once per digit from the study seed: the
+    task is invariant under the group."""
+
+    source: Literal["rotated_digits"]
+    n: int = Field(gt=0)
+    start: int = Field(0, ge=0)
+    group: Optional[str] = None
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v):
+        from .groups import Group
+
+        return None if v is None else Group.parse(v).name
+
+
 class GaussianSource(_Strict):
     """i.i.d. N(0, 1) inputs of the training inputs' shape: off the data manifold."""
 
@@ -71,7 +89,7 @@ class RingSource(_Strict):
 
 
 Source = Annotated[
-    Union[DigitsSource, NpzSource, GaussianSource, PhotoPatchSource, RingSource],
+    Union[DigitsSource, RotatedDigitsSource, NpzSource, GaussianSource, PhotoPatchSource, RingSource],
     Field(discriminator="source"),
 ]
 
@@ -98,7 +116,7 @@ class DataConfig(_Strict):
     @classmethod
     def _labelled(cls, v):
         if v.source in ("gaussian", "sample_images"):
-            raise ValueError(f"source {v.source} has no labels; train on digits, npz or ring data")
+            raise ValueError(f"source {v.source} has no labels; train on digits, rotated_digits, npz or ring data")
         return v
 
     @model_validator(mode="after")
@@ -116,6 +134,82 @@ class LogSpaced(_Strict):
     count: int = Field(ge=2)
 
 
+class LogSpacedSizes(_Strict):
+    """``count`` training-set sizes spaced logarithmically from ``min`` to ``max`` (rounded, unique)."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+    count: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "LogSpacedSizes":
+        if self.max < self.min:
+            raise ValueError(f"sizes: max {self.max} is below min {self.min}; swap them")
+        return self
+
+
+class RegressionConfig(_Strict):
+    """Infinite-width kernel regression (``kind: kernel_regression``): learning curves of NTK
+    and NNGP predictors over training-set sizes, several seeded draws per size."""
+
+    test: Source
+    sizes: Union[list[int], LogSpacedSizes]
+    draws: int = Field(10, ge=1)
+    kernels: list[Literal["ntk", "nngp"]] = Field(default_factory=lambda: ["ntk", "nngp"], min_length=1)
+    times: list[Union[Literal["inf"], float]] = Field(default_factory=lambda: ["inf"], min_length=1)
+    diag_reg: float = Field(1e-4, ge=0)
+    block_size: int = Field(100, ge=1)
+
+    @field_validator("test")
+    @classmethod
+    def _labelled(cls, v):
+        if v.source in ("gaussian", "sample_images"):
+            raise ValueError(f"source {v.source} has no labels; test on digits, rotated_digits, npz or ring data")
+        return v
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if isinstance(v, list):
+            if not v or any(n < 1 for n in v):
+                raise ValueError(f"sizes {v} must be positive integers, e.g. [10, 50, 200] or {{min: 10, max: 500, count: 8}}")
+            if len(set(v)) != len(v):
+                raise ValueError("sizes must not repeat")
+        return v
+
+    @field_validator("times")
+    @classmethod
+    def _times(cls, v):
+        for t in v:
+            if t != "inf" and not (t > 0):
+                raise ValueError(f"time {t} must be positive (or inf for kernel regression)")
+        return v
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernels(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("kernels must not repeat")
+        return v
+
+    @property
+    def resolved_sizes(self) -> list[int]:
+        if isinstance(self.sizes, list):
+            return sorted(self.sizes)
+        import numpy as np
+
+        return sorted({int(round(s)) for s in np.geomspace(self.sizes.min, self.sizes.max, self.sizes.count)})
+
+    @property
+    def resolved_times(self) -> list[float]:
+        return [math.inf if t == "inf" else float(t) for t in self.times]
+
+
+# Fields only an ensemble study has (refused for kind: kernel_regression, required otherwise).
+ENSEMBLE_REQUIRED = ("widths", "ensemble_size", "lr", "steps", "log_steps")
+ENSEMBLE_ONLY = ENSEMBLE_REQUIRED + ("members_per_unit",)
+
+
 class Resources(_Strict):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
@@ -123,16 +217,19 @@ class Resources(_Strict):
 
 class StudyConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["ensemble", "kernel_regression"] = "ensemble"
     seed: int = 0
     data: DataConfig
     group: str = "C4"
     models: list[dict] = Field(min_length=1)
-    widths: list[int] = Field(min_length=1)
-    ensemble_size: int
+    # Required for kind: ensemble (checked in _check), refused for kind: kernel_regression.
+    widths: Optional[list[int]] = Field(None, min_length=1)
+    ensemble_size: Optional[int] = None
     members_per_unit: Optional[int] = None
-    lr: Union[float, list[float]]
-    steps: int = Field(ge=1)
-    log_steps: Union[list[int], LogSpaced]
+    lr: Optional[Union[float, list[float]]] = None
+    steps: Optional[int] = Field(None, ge=1)
+    log_steps: Optional[Union[list[int], LogSpaced]] = None
+    regression: Optional[RegressionConfig] = None
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resources: Resources = Resources()
@@ -141,7 +238,9 @@ class StudyConfig(_Strict):
 
     @field_validator("widths")
     @classmethod
-    def _widths(cls, v: list[int]) -> list[int]:
+    def _widths(cls, v):
+        if v is None:
+            return v
         for w in v:
             if w <= 0:
                 raise ValueError(f"width {w} must be a positive integer, e.g. widths: [64, 256, 1024]")
@@ -151,15 +250,15 @@ class StudyConfig(_Strict):
 
     @field_validator("ensemble_size")
     @classmethod
-    def _ensemble(cls, v: int) -> int:
-        if v < 2:
+    def _ensemble(cls, v):
+        if v is not None and v < 2:
             raise ValueError(f"ensemble_size {v} is below 2: a variance needs at least 2 members")
         return v
 
     @field_validator("lr")
     @classmethod
     def _lr(cls, v):
-        for x in v if isinstance(v, list) else [v]:
+        for x in v if isinstance(v, list) else ([] if v is None else [v]):
             if not (x > 0 and math.isfinite(x)):
                 raise ValueError(f"learning rate {x} must be positive and finite")
         return v
@@ -173,11 +272,25 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
+        if self.kind == "kernel_regression":
+            for f in ENSEMBLE_ONLY:
+                if getattr(self, f) is not None:
+                    raise ValueError(f"{f}: not used by kind: kernel_regression; remove it (training-set sizes go in regression.sizes)")
+            if self.regression is None:
+                raise ValueError("regression: required for kind: kernel_regression; add it (test, sizes, draws; see docs/study.md)")
+            if self.data.eval:
+                raise ValueError("data.eval: not used by kind: kernel_regression; remove it (the test set is regression.test)")
+        else:
+            if self.regression is not None:
+                raise ValueError("regression: only used by kind: kernel_regression; remove it or set kind: kernel_regression")
+            for f in ENSEMBLE_REQUIRED:
+                if getattr(self, f) is None:
+                    raise ValueError(f"{f}: required field is missing; add it")
         if self.members_per_unit is not None and not (1 <= self.members_per_unit <= self.ensemble_size):
             raise ValueError(
                 f"members_per_unit {self.members_per_unit} must be between 1 and ensemble_size {self.ensemble_size}"
             )
-        if isinstance(self.log_steps, list):
+        if isinstance(self.log_steps, list) and self.steps is not None:
             bad = [s for s in self.log_steps if s < 0 or s > self.steps]
             if bad:
                 raise ValueError(

@@ -72,6 +72,29 @@ def _digits(src, seed: int):
     return d.images[idx][:, None].astype(np.float64), d.target[idx], 10
 
 
+def _rotated_digits(src, seed: int, group: str):
+    """Digits in the ``digits`` order, digit ``i`` (of that order) turned by a group element
+    drawn once per digit from the study seed, so a digit looks the same in every source that
+    includes it."""
+    from .groups import Group
+
+    g = Group.parse(src.group or group)
+    x, labels, classes = _digits(src, seed)
+    if not g.acts_exactly_on_grid():
+        raise StudyError(
+            f"data: rotated_digits needs a group that acts exactly on the 8x8 grid, not {g.name}; "
+            "use C1, C2, C4, D1, D2 or D4"
+        )
+    elems = np.random.default_rng(derive_seed("rotated-digits", seed, g.name)).integers(0, g.order, size=1797)
+    elems = elems[src.start : src.start + src.n]
+    out = x.copy()
+    for e in range(g.order):
+        sel = elems == e
+        if sel.any():
+            out[sel] = g.act_image(x[sel], e)
+    return out, labels, classes
+
+
 def _npz(src, base: Path):
     path = Path(src.path)
     if not path.is_absolute():
@@ -171,9 +194,11 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(rms > 0, rms, 1.0)
 
 
-def _labelled(src, seed: int, base: Path):
+def _labelled(src, seed: int, base: Path, group: str = "C4"):
     if src.source == "digits":
         return _digits(src, seed)
+    if src.source == "rotated_digits":
+        return _rotated_digits(src, seed, group)
     if src.source == "npz":
         return _npz(src, base)
     if src.source == "ring":
@@ -181,9 +206,10 @@ def _labelled(src, seed: int, base: Path):
     raise StudyError(f"data.train: source {src.source} has no labels")  # config already rules this out
 
 
-def build_data(cfg: DataConfig, seed: int, base: Path = Path(".")) -> StudyData:
-    """Build the study's arrays from its data config; ``base`` resolves relative paths."""
-    x, labels, classes = _labelled(cfg.train, seed, base)
+def build_data(cfg: DataConfig, seed: int, base: Path = Path("."), group: str = "C4") -> StudyData:
+    """Build the study's arrays from its data config; ``base`` resolves relative paths,
+    ``group`` (the study's) is the default group of ``rotated_digits``."""
+    x, labels, classes = _labelled(cfg.train, seed, base, group)
     if len(x) == 0:
         raise StudyError("data.train: the training set has no inputs; give n > 0 or a file with images")
     y = np.eye(classes)[labels]
@@ -198,7 +224,7 @@ def build_data(cfg: DataConfig, seed: int, base: Path = Path(".")) -> StudyData:
         elif src.source == "sample_images":
             xe = _photo_patches(src, x.shape[1:], seed)
         else:
-            xe = _labelled(src, seed, base)[0]
+            xe = _labelled(src, seed, base, group)[0]
         if len(xe) == 0:
             raise StudyError(f"data.eval.{ev.name}: the eval set has no inputs; give n > 0 or a file with images")
         if xe.shape[1:] != x.shape[1:]:

@@ -1,0 +1,143 @@
+"""The report of a kernel-regression study: learning curves (PNG), a table of means with 95%
+confidence intervals, paired differences on the same draws, and verdicts computed from them,
+as ``DIR/report/index.html`` (same style as ``analysis.report``)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .regression import paired_differences, summarize
+
+_STYLE = """<style>
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
+.verdict{background:#f4f6fa;border-left:4px solid #4a6fa5;padding:.4em 1em;margin:.8em 0}
+.scroll{overflow-x:auto}img{max-width:100%}</style>"""
+
+
+def _t(t) -> str:
+    return "inf" if math.isinf(float(t)) else f"{float(t):g}"
+
+
+def _fmt(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(zip(summary.kernel, summary.time)))
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False)
+    for j, (k, t) in enumerate(panels):
+        sub = summary[(summary.kernel == k) & (summary.time == t)]
+        for model, g in sub.groupby("model", sort=False):
+            g = g.sort_values("size")
+            for i, m in enumerate(("test_accuracy", "test_mse")):
+                ax = axes[i, j]
+                line, = ax.plot(g["size"], g[m], marker="o", ms=3, label=model)
+                ax.fill_between(g["size"], g[f"{m}_lo"], g[f"{m}_hi"], color=line.get_color(), alpha=0.2)
+        for i, m in enumerate(("test accuracy", "test MSE")):
+            ax = axes[i, j]
+            ax.set_xscale("log")
+            if i == 1:
+                ax.set_yscale("log")
+            ax.set_xlabel("training-set size")
+            ax.set_ylabel(m)
+            ax.set_title(f"{k.upper()}, t = {_t(t)}")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Kernel regression learning curves (mean and 95% CI over draws)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def verdicts(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[tuple[str, str]]:
+    """Which model wins at which sizes, per kernel and time, from the numbers."""
+    out = []
+    for (k, t), sub in summary.groupby(["kernel", "time"], sort=False):
+        parts = []
+        for size, g in sub.groupby("size"):
+            g = g.sort_values("test_accuracy", ascending=False)
+            best, second = g.iloc[0], (g.iloc[1] if len(g) > 1 else None)
+            text = f"n = {size}: {best.model} {100 * best.test_accuracy:.1f}%"
+            if second is not None:
+                pr = pairs[(pairs.metric == "test_accuracy") & (pairs.time == t) & (pairs["size"] == size)
+                           & (pairs.a_kernel == k) & (pairs.b_kernel == k)
+                           & (((pairs.a_model == best.model) & (pairs.b_model == second.model))
+                              | ((pairs.a_model == second.model) & (pairs.b_model == best.model)))]
+                tied = abs(best.test_accuracy - second.test_accuracy) < 1e-12
+                sig = bool(pr.significant.iloc[0]) if len(pr) else False
+                text += (f" (tied with {second.model})" if tied else
+                         f" vs {second.model} {100 * second.test_accuracy:.1f}%"
+                         + (" (paired CI excludes 0)" if sig else " (not significant)"))
+            parts.append(text)
+        out.append((f"{k.upper()} regression, t = {_t(t)}: best test accuracy at each size", "; ".join(parts) + "."))
+    # NTK against NNGP per model
+    kp = pairs[(pairs.metric == "test_accuracy") & (pairs.a_model == pairs.b_model)]
+    if len(kp):
+        parts = []
+        for (m, t), g in kp.groupby(["a_model", "time"], sort=False):
+            better = (g.significant & (g.mean_diff > 0)).sum()
+            worse = (g.significant & (g.mean_diff < 0)).sum()
+            parts.append(f"{m} (t = {_t(t)}): NTK better at {better}, NNGP better at {worse} of {len(g)} sizes")
+        out.append(("NTK against NNGP (paired, significant accuracy differences)", "; ".join(parts) + "."))
+    return out
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return "<div class='scroll'>" + df.to_html(index=False, border=0, na_rep="n/a",
+                                               float_format=lambda x: _fmt(x, 4)) + "</div>"
+
+
+def write_regression_report(out: Path) -> Path:
+    out = Path(out)
+    table = pd.read_parquet(out / "regression.parquet")
+    resolved = json.loads((out / "study.json").read_text())
+    cfg = resolved["config"]
+    summary = summarize(table)
+    pairs = paired_differences(table)
+    rdir = out / "report"
+    rdir.mkdir(exist_ok=True)
+    fig = plot_learning_curves(summary, rdir / "learning_curves.png")
+    seconds = []
+    for meta in sorted((out / "kernels").glob("*.json")):
+        m = json.loads(meta.read_text())
+        if m["model"] in set(table.model):
+            seconds.append(f"{m['model']} {m['seconds']:.0f} s")
+    shown = summary.copy()
+    shown["time"] = shown["time"].map(_t)
+    for m in ("test_accuracy", "test_mse"):
+        shown[m] = [f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in zip(shown[m], shown[f"{m}_lo"], shown[f"{m}_hi"])]
+        shown = shown.drop(columns=[f"{m}_lo", f"{m}_hi"])
+    sig = pairs[pairs.metric == "test_accuracy"].copy()
+    sig["time"] = sig["time"].map(_t)
+    r = cfg["regression"]
+    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>eqntk kernel regression: {html.escape(cfg['name'])}</title>",
+         _STYLE, "</head><body>",
+         f"<h1>eqntk kernel regression: {html.escape(cfg['name'])}</h1>",
+         f"<p>data digest {html.escape(resolved['data_digest'])}; group {html.escape(cfg['group'])}; "
+         f"sizes {html.escape(str(resolved['sizes']))}, {r['draws']} draws each; kernels {html.escape(str(r['kernels']))}; "
+         f"times {html.escape(str(r['times']))}; diag_reg {r['diag_reg']:g} (relative to the mean diagonal); "
+         f"kernel time: {html.escape(', '.join(seconds) or 'n/a')}.</p>"]
+    h.append("<h2>Verdicts</h2>")
+    for q, text in verdicts(summary, pairs):
+        h.append(f"<div class='verdict'><b>{html.escape(q)}</b><p>{html.escape(text)}</p></div>")
+    h.append(f"<figure><img src='{fig}' alt='learning curves'><figcaption>Test accuracy and MSE against the "
+             "training-set size; bands are 95% confidence intervals over draws.</figcaption></figure>")
+    h.append("<h2>Learning curves (mean [95% CI] over draws)</h2>" + _table_html(shown))
+    h.append("<h2>Paired differences in test accuracy (a - b, same draws)</h2>" + _table_html(sig))
+    h.append("</body></html>")
+    page = rdir / "index.html"
+    page.write_text("\n".join(h))
+    return page
