@@ -153,7 +153,8 @@ def learning_curves(
     diag_reg: float,
     seed: int,
 ) -> pd.DataFrame:
-    """One row per (model, kernel, time, size, draw): ``test_accuracy``, ``test_mse``."""
+    """One row per (model, kernel, time, size, draw): ``test_accuracy``, ``test_mse``.
+    A size equal to the pool gets a single draw (every draw would be the same set)."""
     rows = []
     pool = len(y_pool)
     for name, kmats in kernels.items():
@@ -161,7 +162,8 @@ def learning_curves(
         for kname in kernel_names:
             kp, kt = normalised(kmats[f"{kname}_pool"], kmats[f"{kname}_test"])
             for size in sizes:
-                for d in range(draws):
+                # a size that takes the whole pool has one possible training set: one draw
+                for d in range(1 if size == pool else draws):
                     idx = draw_indices(seed, pool, size, d)
                     preds = predict_curve(kp, kt, y_pool, idx, times, diag_reg)
                     for t, pred in zip(times, preds):

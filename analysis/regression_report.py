@@ -69,18 +69,19 @@ def verdicts(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[tuple[str, str]
         parts = []
         for size, g in sub.groupby("size"):
             g = g.sort_values("test_accuracy", ascending=False)
-            best, second = g.iloc[0], (g.iloc[1] if len(g) > 1 else None)
-            text = f"n = {size}: {best.model} {100 * best.test_accuracy:.1f}%"
-            if second is not None:
+            best = g.iloc[0]
+            tied = g[(g.test_accuracy - best.test_accuracy).abs() < 1e-9]
+            rest = g[(g.test_accuracy - best.test_accuracy).abs() >= 1e-9]
+            text = f"n = {size}: {' = '.join(tied.model)} {100 * best.test_accuracy:.1f}%"
+            if len(rest):
+                second = rest.iloc[0]
                 pr = pairs[(pairs.metric == "test_accuracy") & (pairs.time == t) & (pairs["size"] == size)
                            & (pairs.a_kernel == k) & (pairs.b_kernel == k)
                            & (((pairs.a_model == best.model) & (pairs.b_model == second.model))
                               | ((pairs.a_model == second.model) & (pairs.b_model == best.model)))]
-                tied = abs(best.test_accuracy - second.test_accuracy) < 1e-12
                 sig = bool(pr.significant.iloc[0]) if len(pr) else False
-                text += (f" (tied with {second.model})" if tied else
-                         f" vs {second.model} {100 * second.test_accuracy:.1f}%"
-                         + (" (paired CI excludes 0)" if sig else " (not significant)"))
+                text += (f" vs {second.model} {100 * second.test_accuracy:.1f}%"
+                         + (" (paired 95% CI excludes 0)" if sig else " (not significant)"))
             parts.append(text)
         out.append((f"{k.upper()} regression, t = {_t(t)}: best test accuracy at each size", "; ".join(parts) + "."))
     # NTK against NNGP per model
