@@ -5,7 +5,7 @@ a leading member axis. The forward pass is ``vmap(functional_call)`` over that a
 each member's own full-batch gradient is one ``vjp`` of the vectorised forward: members do
 not share parameters, so the gradient of the summed loss with respect to member ``j``'s
 slice is exactly the gradient of member ``j``'s own loss. On a GPU the whole ensemble is one
-block; on a CPU, blocks of members are sized to the caches (``Ensemble._plan``).
+block; on a CPU, members too big to gain from vmap run one at a time (``Ensemble._plan``).
 """
 
 from __future__ import annotations
@@ -191,9 +191,10 @@ class Ensemble:
 
         On a GPU all members form one block: one kernel per layer fills the device. On a
         CPU, vmap pays only while a member's own work is too small to keep the cores busy:
-        measured on 2 cores (batch 128-256), 64 members of a width-64 MLP ran 6x faster as
-        one block than one at a time, while a width-512 MLP, a width-1024 group MLP and a
-        width-16 GCNN ran 1.5x to 3x slower as one block (batched activations leave the
+        measured on 2 shared cores (benchmarks/ensemble_speed.py, batch 32-256), a width-64
+        MLP, width-1..4 GCNNs at batch 32 and a width-4 CNN ran 2x to 5x faster as one vmap
+        block than one member at a time, while width-512/1024 MLPs and group MLPs and
+        width-4..64 GCNNs at batch 256 ran 1.2x to 7x slower (batched activations leave the
         caches; vmapped convolutions become grouped convolutions). Members whose
         activations exceed ``CPU_VMAP_MEMBER_BYTES`` therefore run one at a time through the
         plain forward. The choice depends on the model and the batch only, never on how many
