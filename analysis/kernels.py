@@ -115,61 +115,78 @@ class KernelFn:
             st = new
         return st, recorded
 
-    def _self_pass(self, x: torch.Tensor, want_ntk: bool, block: int):
+    def _self_pass(self, x: torch.Tensor, want_ntk: bool, block: int, workers: int):
         """Variances at every nonlinearity and the final kernels of ``(x_i, x_i)``."""
-        parts_var, nngp, ntk = [], [], []
-        for s in range(0, len(x), block):
-            xb = x[s : s + block]
+        starts = list(range(0, len(x), block))
+        parts: list = [None] * len(starts)
+
+        def work(i):
+            xb = x[starts[i] : starts[i] + block]
             st, rec = self._run(xb, xb, False, want_ntk, record=True)
-            parts_var.append(rec)
-            nngp.append(st.nngp)
-            ntk.append(st.ntk if want_ntk else None)
-        variances = [torch.cat([p[i] for p in parts_var]) for i in range(len(parts_var[0]))] if parts_var else []
-        out = {"nngp": torch.cat(nngp) if nngp else torch.zeros(0, dtype=torch.float64)}
+            parts[i] = (rec, st.nngp, st.ntk if want_ntk else None)
+
+        _for_each(work, range(len(starts)), workers)
+        n_var = sum(r.uses_var for r in self.rules)
+        variances = [torch.cat([p[0][i] for p in parts]) for i in range(n_var)] if parts else []
+        empty = torch.zeros(0, dtype=torch.float64)
+        out = {"nngp": torch.cat([p[1] for p in parts]) if parts else empty}
         if want_ntk:
-            out["ntk"] = torch.cat(ntk) if ntk else torch.zeros(0, dtype=torch.float64)
+            out["ntk"] = torch.cat([p[2] for p in parts]) if parts else empty
         return variances, out
 
     # ----- the call -----------------------------------------------------------------------
     def __call__(self, x1, x2=None, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None,
                  diag: bool = False) -> dict[str, np.ndarray]:
+        """``{name: K(x1, x2)}``, float64 ``[N1, N2]`` (``x2=None``: symmetric ``K(x1, x1)``);
+        with ``diag=True`` ``K(x1_i, x1_i)`` (or ``K(x1_i, x2_i)``), ``[N1]``.
+
+        Blocks of pairs run on ``torch.get_num_threads()`` worker threads with one torch
+        thread each (set for the duration of the call, then restored).
+        """
         get = _get(get)
         want_ntk = "ntk" in get
         x1 = _as_tensor(x1, self.input_shape, "x1")
         sym = x2 is None
         x2 = x1 if sym else _as_tensor(x2, self.input_shape, "x2")
         sblock = self._self_block(block_size)
+        workers = max(1, torch.get_num_threads())
+        torch.set_num_threads(1)
         try:
             with torch.no_grad():
                 if diag:
-                    return self._diag(x1, None if sym else x2, get, want_ntk, sblock)
-                return self._matrix(x1, x2, sym, get, want_ntk, block_size or self.default_block_size(), sblock)
+                    return self._diag(x1, None if sym else x2, get, want_ntk, sblock, workers)
+                block = block_size or self.default_block_size()
+                return self._matrix(x1, x2, sym, get, want_ntk, block, sblock, workers)
         finally:
+            torch.set_num_threads(workers)
             scratch.clear()
 
     def diag(self, x, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None):
         """``K(x_i, x_i)`` for each input: ``{name: [N]}``."""
         return self(x, None, get=get, block_size=block_size, diag=True)
 
-    def _diag(self, x1, x2, get, want_ntk, sblock):
+    def _diag(self, x1, x2, get, want_ntk, sblock, workers):
         if x2 is None:
-            _, out = self._self_pass(x1, want_ntk, sblock)
+            _, out = self._self_pass(x1, want_ntk, sblock, workers)
             return {g: out[g].numpy() for g in get}
         if len(x1) != len(x2):
             raise ValueError(f"diag: x1 and x2 must pair up, got {len(x1)} and {len(x2)} inputs")
-        v1, _ = self._self_pass(x1, False, sblock)
-        v2, _ = self._self_pass(x2, False, sblock)
+        v1, _ = self._self_pass(x1, False, sblock, workers)
+        v2, _ = self._self_pass(x2, False, sblock, workers)
         res = {g: np.empty(len(x1)) for g in get}
-        for s in range(0, len(x1), sblock):
+
+        def work(s):
             sl = slice(s, s + sblock)
             st, _ = self._run(x1[sl], x2[sl], False, want_ntk, [v[sl] for v in v1], [v[sl] for v in v2])
             for g in get:
                 res[g][sl] = getattr(st, g).numpy()
+
+        _for_each(work, range(0, len(x1), sblock), workers)
         return res
 
-    def _matrix(self, x1, x2, sym, get, want_ntk, block, sblock):
-        v1, _ = self._self_pass(x1, False, sblock)
-        v2 = v1 if sym else self._self_pass(x2, False, sblock)[0]
+    def _matrix(self, x1, x2, sym, get, want_ntk, block, sblock, workers):
+        v1, _ = self._self_pass(x1, False, sblock, workers)
+        v2 = v1 if sym else self._self_pass(x2, False, sblock, workers)[0]
         n1, n2 = len(x1), len(x2)
         res = {g: np.empty((n1, n2)) for g in get}
         jobs = [
@@ -189,7 +206,7 @@ class KernelFn:
                 if sym and r != c:
                     res[g][c, r] = b.T
 
-        _for_each(work, jobs)
+        _for_each(work, jobs, workers)
         return res
 
 
@@ -200,22 +217,15 @@ def _recycle_dead(old: Pairs, new: Pairs) -> None:
     scratch.recycle(*dead)
 
 
-def _for_each(work, jobs) -> None:
-    """Run ``work`` on every job, one block per thread with one torch thread each.
+def _for_each(work, jobs, workers: int) -> None:
+    """Run ``work`` on every job: blocks in parallel on worker threads.
 
-    The kernel rules are memory-bound passes over blocks small enough to stay in cache;
-    whole blocks in parallel scale better than torch's intra-op threads, which also stall
+    The rules are memory-bound passes over blocks small enough to stay in cache; whole
+    blocks in parallel scale better than torch's intra-op threads, which also stall
     badly when the machine is shared (torch releases the GIL inside each operation).
     """
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(jobs) <= 1:
-        try:
-            for job in jobs:
-                work(job)
-        finally:
-            scratch.clear()
-        return
-
+    jobs = list(jobs)
+    workers = min(workers, len(jobs))
     pending = iter(jobs)
     lock = threading.Lock()
 
@@ -230,13 +240,12 @@ def _for_each(work, jobs) -> None:
         finally:
             scratch.clear()
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for f in [pool.submit(worker) for _ in range(threads)]:
-                f.result()
-    finally:
-        torch.set_num_threads(threads)
+    if workers <= 1:
+        worker()
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for f in [pool.submit(worker) for _ in range(workers)]:
+            f.result()
 
 
 def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, route: str = "auto") -> KernelFn:

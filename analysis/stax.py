@@ -10,7 +10,7 @@ A rule maps the NNGP and NTK of a batch of input pairs through one layer (THEORY
 - ``positions``: one number per position ``p`` (the ``(p, p)`` entries only; enough for
   convolutions whose output is flattened and read by a dense layer);
 - ``grid``: ``K((e, p), (h, q))`` as ``[.., G, H, W, H, W]``. Right invariance
-  ``K((g s, p), (g' s, q)) = K((g, p), (g' s, q))`` (THEORY section 3) makes this the whole
+  ``K((g s, p), (g' s, q)) = K((g, p), (g', q))`` (THEORY section 3) makes this the whole
   kernel: ``K((g, p), (g', q)) = grid[g' g^-1, p, q]``. Plain grids have ``G = 1``.
 - ``grid_full``: ``K((a, p), (a', q))`` as ``[.., G, H, W, G, H, W]`` (no right invariance);
 - ``group``: ``K(a, a')`` as ``[.., G, G]`` (regular fields without base space).
@@ -22,7 +22,7 @@ in a first pass over the inputs alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -49,9 +49,10 @@ from .kernel_ops import TorusCorrelation, axis_maps, diagonal_shift_sum, out_siz
 
 __all__ = ["Pairs", "Meta", "build_rules", "var_of"]
 
-# A basis covariance counts as right invariant when it is so up to this relative error:
-# escnn's bases are float32 samples held in float64, so exact identities hold to ~1e-16
-# of their size, while a truly non-invariant covariance differs at order 1.
+# A basis covariance counts as right invariant when it is so up to this relative error
+# (round-off of the covariance sum). escnn's float32 samples are exactly right invariant
+# for C1..D4 (the group permutes them); for other n their rounding breaks it at ~1e-8,
+# and the kernel then takes the full route, exact for the model as sampled.
 _RIGHT_INV_RTOL = 1e-12
 
 
