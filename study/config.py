@@ -308,6 +308,9 @@ class StudyConfig(_Strict):
                 for x in lr if isinstance(lr, list) else [lr]:
                     if not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)):
                         raise ValueError(f"models.{i}.lr: learning rate {x} must be positive and finite")
+            m_size = m.get("ensemble_size")
+            if m_size is not None and (not isinstance(m_size, int) or m_size < 2):
+                raise ValueError(f"models.{i}.ensemble_size: {m_size} is below 2; a variance needs at least 2 members")
         names = [m.name for m in specs]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -321,6 +324,7 @@ class StudyConfig(_Strict):
             m = dict(m)
             m.pop("widths", None)
             m.pop("lr", None)
+            m.pop("ensemble_size", None)
             m.setdefault("group", self.group)
             try:
                 out.append(ModelSpec(**m))
@@ -339,6 +343,11 @@ class StudyConfig(_Strict):
         if own is None:
             return self.lrs
         return [float(x) for x in (own if isinstance(own, list) else [own])]
+
+    def ensemble_size_of(self, model_name: str) -> int:
+        """A model's own ``ensemble_size`` (when its entry gives one), else the study's."""
+        own = self._override(model_name, "ensemble_size")
+        return int(own) if own is not None else self.ensemble_size
 
     def _override(self, model_name: str, key: str):
         for m in self.models:

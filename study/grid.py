@@ -47,17 +47,18 @@ def unit_id(fields: dict, data_digest: str) -> str:
 def expand(cfg: StudyConfig, data_digest: str) -> list[UnitSpec]:
     """All units of the study, in a stable order (model, width, lr, member range)."""
     units = []
-    size = cfg.unit_size
     for model in cfg.model_specs:
         for width in cfg.widths_of(model.name):
             for lr in cfg.lrs_of(model.name):
-                for start in range(0, cfg.ensemble_size, size):
+                members = cfg.ensemble_size_of(model.name)
+                size = min(cfg.unit_size, members)
+                for start in range(0, members, size):
                     fields = dict(
                         study_seed=cfg.seed,
                         model=model,
                         width=width,
                         member_start=start,
-                        member_stop=min(start + size, cfg.ensemble_size),
+                        member_stop=min(start + size, members),
                         lr=float(lr),
                         steps=cfg.steps,
                         log_steps=cfg.resolved_log_steps,
