@@ -36,7 +36,12 @@ def offsets(k: int) -> tuple[int, int]:
 
 
 def out_size(n: int, k: int, padding: str) -> int:
-    return n - k + 1 if padding == "valid" else n
+    if padding != "valid":
+        return n
+    if n - k + 1 < 1:
+        raise ValueError(f"kernel_size: valid {k}x{k} convolutions shrink the grid to nothing (size {n}); "
+                         "use fewer layers, larger inputs or padding")
+    return n - k + 1
 
 
 def patches(x: torch.Tensor, k: int, padding: str) -> torch.Tensor:

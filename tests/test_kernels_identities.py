@@ -40,6 +40,7 @@ INVARIANT = [
     ("group_mlp", dict(group="D4"), (1, 3, 3), 1e-12, True),
     ("group_mlp", dict(group="C5", support="identity"), (2, 10), 1e-12, True),
     ("group_mlp", dict(group="D2", basis="escnn"), (1, 8), 1e-6, True),
+    ("group_mlp", dict(group="C4", basis="escnn"), (1, 3, 3), 1e-6, True),
 ]
 
 
