@@ -140,8 +140,10 @@ class KernelFn:
         """``{name: K(x1, x2)}``, float64 ``[N1, N2]`` (``x2=None``: symmetric ``K(x1, x1)``);
         with ``diag=True`` ``K(x1_i, x1_i)`` (or ``K(x1_i, x2_i)``), ``[N1]``.
 
-        Blocks of pairs run on ``torch.get_num_threads()`` worker threads with one torch
-        thread each (set for the duration of the call, then restored).
+        ``block_size``: inputs per side of a block of pairs (default: as many as keep one
+        kernel tensor of the block near 8 MB, small enough to stay in cache). Blocks run on
+        ``torch.get_num_threads()`` worker threads with one torch thread each (set for the
+        duration of the call, then restored).
         """
         get = _get(get)
         want_ntk = "ntk" in get
