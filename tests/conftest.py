@@ -7,6 +7,13 @@ import pytest
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# One torch thread for the in-process tests: their models are small, and torch's own
+# thread pool stalls badly on 2 shared cores (measured: a finite-model kernel test file took
+# 150 s with two threads under load, 22 s with one). Ray workers set their own count.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
