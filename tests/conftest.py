@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_running():
+    """Each test module leaves no Ray running in this process, whatever it started."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -86,9 +86,19 @@ def wait_for(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def unit_workers() -> list[int]:
-    r = subprocess.run(["pgrep", "-f", "ray::execute_unit"], capture_output=True, text=True)
-    return [int(x) for x in r.stdout.split()]
+def unit_workers(driver: int) -> list[int]:
+    """Ray workers running a unit for this driver (local Ray's processes descend from it),
+    never another run's on this machine."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(driver).children(recursive=True):
+        try:
+            if "ray::execute_unit" in " ".join(p.cmdline()):
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +116,7 @@ def test_killed_worker_is_retried(tmp_path, reference):
     study.write_text(text)
     out = tmp_path / "out"
     proc = spawn_run(study, out)
-    pid = wait_for(lambda: (unit_workers() or [None])[0], 120, "a worker running a unit")
+    pid = wait_for(lambda: (unit_workers(proc.pid) or [None])[0], 120, "a worker running a unit")
     time.sleep(0.5)  # well inside the unit (each takes seconds)
     os.kill(pid, signal.SIGKILL)
     log, _ = proc.communicate(timeout=300)
@@ -179,12 +189,21 @@ def _free_port() -> int:
 
 
 def test_two_node_cluster(tmp_path):
+    import ray
+
+    # A Ray left running in this process would be killed with the nodes below and take
+    # pytest down with it; this test needs none.
+    ray.shutdown()
     port = _free_port()
     # Ray >= 2.59 enables token authentication for clusters: every node and the driver
     # share one token, as on a real cluster.
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
-    head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
-    worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"]
+    # Our own temp dir (short: Ray's socket paths must fit 107 bytes) marks this cluster's
+    # processes, so the test stops only them, never another Ray on the machine.
+    temp = Path(f"/tmp/eqntk-2node-{os.getpid()}")
+    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
+    head = [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common]
+    worker = [RAY, "start", f"--address=127.0.0.1:{port}", *common]
     try:
         subprocess.run(head, check=True, capture_output=True, env=env, timeout=120)
         subprocess.run(worker, check=True, capture_output=True, env=env, timeout=120)
@@ -199,4 +218,13 @@ def test_two_node_cluster(tmp_path):
         assert len(nodes) == 2, f"units ran on {nodes}"
         assert len(parts(out)) == 4
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        _stop_cluster(str(temp))
+
+
+def _stop_cluster(marker: str) -> None:
+    """Stop the processes whose command line names ``marker`` (this test's raylets, GCS,
+    monitors); their workers exit with their raylet."""
+    for sig in ("TERM", "KILL"):
+        subprocess.run(["pkill", f"-{sig}", "-f", marker], capture_output=True)
+        time.sleep(2)
+    subprocess.run(["rm", "-rf", marker], capture_output=True)
