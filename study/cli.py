@@ -25,17 +25,11 @@ class Prepared:
     def __init__(self, path: Path):
         from .data import build_data
         from .grid import expand
-        from .spec import check_model_input
-
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
         self.cfg: StudyConfig = load_study(path)
         self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
-        for i, spec in enumerate(self.cfg.model_specs):
-            try:
-                check_model_input(spec, self.data.input_shape)
-            except ValueError as e:
-                raise StudyError(f"{path}: models.{i}.{e}") from None
+        self.cfg.check_inputs(self.data.input_shape, str(path))
         self.digest = self.data.digest()
         self.units = expand(self.cfg, self.digest)
 

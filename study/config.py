@@ -344,6 +344,16 @@ class StudyConfig(_Strict):
             return self.lrs
         return [float(x) for x in (own if isinstance(own, list) else [own])]
 
+    def check_inputs(self, input_shape: tuple, origin: str) -> None:
+        """Raise StudyError when a model cannot take inputs of ``input_shape`` (no batch axis)."""
+        from .spec import check_model_input
+
+        for i, spec in enumerate(self.model_specs):
+            try:
+                check_model_input(spec, input_shape)
+            except ValueError as e:
+                raise StudyError(f"{origin}: models.{i}.{e}") from None
+
     def ensemble_size_of(self, model_name: str) -> int:
         """A model's own ``ensemble_size`` (when its entry gives one), else the study's."""
         own = self._override(model_name, "ensemble_size")

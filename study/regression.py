@@ -90,17 +90,11 @@ def build_regression_data(cfg: StudyConfig, base: Path) -> RegressionData:
 
 class PreparedRegression:
     def __init__(self, path: Path):
-        from .spec import check_model_input
-
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
         self.cfg = load_study(path)
         self.data = build_regression_data(self.cfg, path.parent)
-        for i, spec in enumerate(self.cfg.model_specs):
-            try:
-                check_model_input(spec, self.data.input_shape)
-            except ValueError as e:
-                raise StudyError(f"{path}: models.{i}.{e}") from None
+        self.cfg.check_inputs(self.data.input_shape, str(path))
         self.digest = self.data.digest()
 
     @property
