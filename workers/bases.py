@@ -22,7 +22,7 @@ grid), ``glift`` (a vector the group permutes by ``domain_perm`` -> regular, no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Literal, Optional
 
 import numpy as np
@@ -75,45 +75,6 @@ class BlockBasis:
 
     def fan_in(self, in_fields: int) -> int:
         return in_fields * self.fan_in_per_field
-
-    @cached_property
-    def blocks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The basis split into independent blocks, for expanding a filter without ``T`` copies.
-
-        Filter entries (flattened ``in_size x k x k`` or ``in_size``, the same for every ``g``)
-        are grouped into connected blocks: sets of entries touched only by their own basis
-        elements (the orbits of escnn's permutation-representation lift; one block for a
-        convolution). Blocks with equal basis are stacked. Each item is
-        ``(elements [n, D_b], entries [n, s_b], small [D_b, |G|, s_b])``: for copy ``i``, the filter
-        at ``entries[i]`` is ``sum_j theta[elements[i, j]] * small[j]``.
-        """
-        D, G = self.dim, self.out_size
-        flat = self.tensor.reshape(D, G, -1)
-        touches = (flat != 0).any(axis=1)  # [D, E]: which entries each element touches
-        E = touches.shape[1]
-        parent = np.arange(D + E)  # union-find over elements and entries
-
-        def find(a: int) -> int:
-            while parent[a] != a:
-                parent[a] = parent[parent[a]]
-                a = parent[a]
-            return a
-
-        for j, e in zip(*np.nonzero(touches)):
-            ra, rb = find(j), find(D + e)
-            if ra != rb:
-                parent[ra] = rb
-        roots = np.array([find(a) for a in range(D + E)])
-        groups: dict[tuple, list] = {}
-        for r in dict.fromkeys(roots[D:]):  # blocks in order of their first entry
-            elements = np.nonzero(roots[:D] == r)[0]
-            entries = np.nonzero(roots[D:] == r)[0]
-            small = flat[elements][:, :, entries]
-            key = (small.shape, small.tobytes())
-            groups.setdefault(key, [small, [], []])
-            groups[key][1].append(elements)
-            groups[key][2].append(entries)
-        return [(np.stack(el), np.stack(en), small) for small, el, en in groups.values()]
 
     def filter(self, theta: np.ndarray) -> np.ndarray:
         """Reference expansion: ``theta [O, C, D]`` -> filter ``[O*|G|, C*in_size, (k, k)]`` (float64).

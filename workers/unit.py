@@ -40,7 +40,15 @@ def resolve_device(name: str) -> torch.device:
 
 @contextlib.contextmanager
 def reproducible():
-    """Deterministic kernels and full-precision float32 (no TF32) for the block; restores the settings after."""
+    """Deterministic kernels, full-precision float32 (no TF32) and denormals flushed to zero
+    for the block; restores the settings after (flushing to torch's default, off).
+
+    Flushing: erf's derivative exp(-u^2) is tiny at the large pre-activations of
+    sigma_w = 3 (|u| ~ 10), and the backward pass then computes with float32 denormals,
+    which CPUs handle very slowly; measured on one core, a width-16 escnn C4 GCNN step took
+    24 ms per member with denormals and 12 ms flushed. Values below 1e-38 change no
+    logged prediction.
+    """
     saved = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -53,9 +61,11 @@ def reproducible():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = False
+    torch.set_flush_denormal(True)
     try:
         yield
     finally:
+        torch.set_flush_denormal(False)
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cuda.matmul.allow_tf32 = saved[2]
         torch.backends.cudnn.allow_tf32 = saved[3]
@@ -78,8 +88,8 @@ def run_unit(unit, data, writer: Writer) -> UnitOutcome:
         seeds = member_seeds(unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop)
         ensemble = Ensemble.from_seeds(module, seeds, init_parameters, device, dtype)
 
-        def tensor(a):
-            return torch.as_tensor(a, dtype=dtype).to(device)
+        def tensor(a):  # a copy: the study's arrays may be read-only (memory-mapped or from Ray's store)
+            return torch.tensor(a, dtype=dtype, device=device)
 
         x, y = tensor(data.train_x), tensor(data.train_y)
         augment_seeds = member_seeds(
