@@ -51,6 +51,12 @@ __all__ = [
     "euler_zyz",
     "wigner_d",
     "so3_grid",
+    "SO3Spec",
+    "SphereMLPSpec",
+    "fourier_size",
+    "fourier_slice",
+    "so3_synthesis",
+    "so3_analysis",
 ]
 
 
@@ -337,3 +343,97 @@ def so3_grid(B: int) -> SO3Grid:
     for arr in (alpha, beta, gamma, R, w):
         arr.setflags(write=False)
     return SO3Grid(B=B, alpha=alpha, beta=beta, gamma=gamma, R=R, weights=w)
+
+
+# ----- model specs (one definition for the finite model and its kernel) ---------------------
+_NONLINS = ("relu", "erf", "identity")
+
+
+@dataclass(frozen=True)
+class SO3Spec:
+    """An SO(3) GCNN on spherical signals (docs/so3.md); ``workers.so3`` and ``analysis.kernel_so3`` read it.
+
+    Lifting ``S^2 -> SO(3)`` to band limit ``bands[0]``, then ``len(bands) - 1`` blocks of
+    (nonlinearity on the SOFT grid of bandwidth ``B``, SO(3) group convolution to band
+    limit ``bands[k]``), then nonlinearity, invariant pooling (SOFT quadrature) and a dense
+    readout. Inputs are ``channels`` signals on the DH grid of bandwidth ``L_in``.
+    Every band limit is at most ``L_in`` (the lifting's harmonics transform exactly) and at
+    most ``B`` (so a band-limited feature survives grid -> Fourier exactly).
+    """
+
+    channels: int
+    L_in: int
+    bands: tuple
+    B: int
+    nonlin: str = "relu"
+    sigma_w: float = 1.0
+    sigma_b: float = 0.0
+    readout_sigma_w: float = 1.0
+    outputs: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
+        if not self.bands or min(self.bands) < 1:
+            raise ValueError(f"bands must be a non-empty tuple of band limits >= 1, got {self.bands}")
+        if self.bands[0] > self.L_in:
+            raise ValueError(f"lifting band limit {self.bands[0]} exceeds the input bandwidth L_in={self.L_in}")
+        if max(self.bands) > self.B:
+            raise ValueError(f"band limits {self.bands} exceed the grid bandwidth B={self.B}")
+        if self.nonlin not in _NONLINS:
+            raise ValueError(f"nonlin: unknown {self.nonlin!r}; use one of {_NONLINS}")
+
+    @property
+    def depth(self) -> int:
+        """Number of SO(3) group convolutions after the lifting."""
+        return len(self.bands) - 1
+
+
+@dataclass(frozen=True)
+class SphereMLPSpec:
+    """An MLP on DH samples weighted by ``sqrt(n_pix w)`` (docs/so3.md, the augmentation baseline).
+
+    ``depth`` hidden layers (dense + nonlinearity) then a dense readout; ``depth = 0`` is a
+    linear model. The first layer's ``(1 / fan_in) z . z'`` is the quadrature inner product
+    ``(1/C) sum_c mean_x x_c x'_c``, so the kernel is jointly rotation invariant for inputs
+    of band limit ``< L_in``.
+    """
+
+    channels: int
+    L_in: int
+    depth: int = 1
+    nonlin: str = "relu"
+    sigma_w: float = 1.0
+    sigma_b: float = 0.0
+    readout_sigma_w: float = 1.0
+    outputs: int = 1
+
+    def __post_init__(self):
+        if self.nonlin not in _NONLINS:
+            raise ValueError(f"nonlin: unknown {self.nonlin!r}; use one of {_NONLINS}")
+        if self.depth < 0:
+            raise ValueError(f"depth must be >= 0, got {self.depth}")
+
+
+def fourier_size(L: int) -> int:
+    """Number of SO(3) Fourier coefficients of band limit ``L`` (degrees ``< L``): ``sum (2l+1)^2``."""
+    return L * (2 * L - 1) * (2 * L + 1) // 3
+
+
+def fourier_slice(l: int) -> slice:
+    """The flat block of degree ``l`` (``(2l+1)^2`` entries, row-major ``(m, n)``) in packed coefficients."""
+    return slice(fourier_size(l), fourier_size(l + 1))
+
+
+def so3_synthesis(grid: SO3Grid, L: int) -> np.ndarray:
+    """``[F_L, P]``: packed coefficients -> samples, ``f(R_a) = sum_l sqrt(2l+1) sum_mn D^l_mn(R_a) f^l_mn``."""
+    ds = grid.wigner(L - 1)
+    return np.concatenate([np.sqrt(2 * l + 1) * d.reshape(len(d), -1).T for l, d in enumerate(ds)], axis=0)
+
+
+def so3_analysis(grid: SO3Grid, L: int) -> np.ndarray:
+    """``[P, F_L]``: samples -> packed coefficients, ``f^l_mn = sqrt(2l+1) sum_a w_a f(R_a) D^l_mn(R_a)``.
+
+    Inverse of ``so3_synthesis`` on band limit ``L`` when ``L <= B`` (the basis
+    ``sqrt(2l+1) D^l_mn`` is orthonormal and SOFT quadrature is exact on its products).
+    """
+    return so3_synthesis(grid, L).T * grid.weights[:, None]
