@@ -8,10 +8,14 @@
 #  - escnn 1.0.11 is installed with --no-deps: its hard dependency py3nj only builds with a
 #    Fortran compiler and only speeds up SO(3) Clebsch-Gordan coefficients. escnn's other
 #    dependencies (lie_learn, pymanopt, autograd, joblib) are listed in pyproject.toml.
+#  - PySCF (PYSCF_SPEC) computes the energies of the built-in molecules data set
+#    (study/molecules.py); it is pinned here like torch, with wheels for Linux and macOS
+#    (x86_64 and arm64), so no compiler is needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PYSCF_SPEC=${PYSCF_SPEC:-pyscf==2.14.0}
 extra=${1:-}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -28,6 +32,8 @@ if [ -n "$extra" ]; then
 else
   .venv/bin/pip install -q -e .
 fi
+# After eqntk, so pip keeps the numpy<2 that eqntk's dependencies need.
+.venv/bin/pip install -q "$PYSCF_SPEC"
 # The report test opens the HTML report in headless Chromium (Debian's package).
 if [ "$extra" = "test" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
    && [ "$(id -u)" = 0 ]; then
