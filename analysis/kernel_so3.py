@@ -148,12 +148,23 @@ def _so3_run(spec: SO3Spec, ops: _GridOps, u1, u2, outer: bool, vars1=None, vars
     return nngp, ntk, record
 
 
-def so3_kernel_fn(spec: SO3Spec, x1, x2=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def so3_kernel_fn(spec: SO3Spec, x1, x2=None, mode: str = "grid") -> Tuple[torch.Tensor, torch.Tensor]:
     """NNGP and NTK ``[N1, N2]`` (float64) of ``build_so3_model(spec, width)`` as width -> infinity.
 
     ``x1``, ``x2``: DH samples ``[N, C, 2L_in, 2L_in]`` (``x2 = None``: ``x1`` with itself).
-    Memory: blocks of rows with ``rows * N2 * P^2 * 8`` bytes about 64 MB.
+
+    ``mode="grid"`` (default): the kernel of the finite model exactly as it computes, over
+    grid pairs; memory in blocks of rows with ``rows * N2 * P^2 * 8`` bytes about 64 MB.
+    ``mode="relative"``: every layer kernel is a function of ``g = R_a R_b^-1`` alone
+    (docs/so3.md), kept as ``P`` samples per pair; the group convolution becomes the
+    projection of ``Psi(g)`` onto degrees ``< L`` by one SOFT quadrature. ``P`` times cheaper;
+    it differs from the grid-mode kernel by aliasing of the same order as the finite
+    model's invariance error (measured in tests/test_so3_kernels.py).
     """
+    if mode == "relative":
+        return _so3_relative(spec, x1, x2)
+    if mode != "grid":
+        raise ValueError(f"mode: unknown {mode!r}; use grid or relative")
     ops = _GridOps(spec.B, max(spec.bands) - 1)
     L0 = spec.bands[0]
     ds = ops.d[:L0]
@@ -167,6 +178,75 @@ def so3_kernel_fn(spec: SO3Spec, x1, x2=None) -> Tuple[torch.Tensor, torch.Tenso
     for i in range(0, u1.shape[0], rows):
         sl = slice(i, i + rows)
         n, t, _ = _so3_run(spec, ops, u1[sl], u2, True, [v[sl] for v in var1], var2)
+        nngp.append(n)
+        ntk.append(t)
+    return torch.cat(nngp), torch.cat(ntk)
+
+
+# ----- relative mode: kernels as functions of g = R_a R_b^-1 -------------------------------
+class _RelOps:
+    """Synthesis ``[F, P]``, analysis ``[P, F]`` and the value at the identity ``[F]`` per band limit."""
+
+    def __init__(self, B: int, bands):
+        from study.sphere import so3_analysis, so3_synthesis
+
+        grid = so3_grid(B)
+        self.w = _t(grid.weights)
+        self.d = [_t(d) for d in grid.wigner(max(bands) - 1)]
+        self.synth = {L: _t(so3_synthesis(grid, L)) for L in set(bands)}
+        self.anal = {L: _t(so3_analysis(grid, L)) for L in set(bands)}
+        self.at_e = {L: torch.cat([math.sqrt(2 * l + 1) * torch.eye(2 * l + 1, dtype=_F64).reshape(-1)
+                                   for l in range(L)]) for L in set(bands)}
+
+
+def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None):
+    """``(nngp, ntk, values at the identity per nonlinearity)``; ``e1``/``e2`` None on a self pass."""
+    sw2, sb2, sr2 = spec.sigma_w**2, spec.sigma_b**2, spec.readout_sigma_w**2
+    k = None
+    for l in range(spec.bands[0]):
+        sl = degree_slice(l)
+        t = torch.einsum("amn,jcn->jcam", ops.d[l], s2[..., sl])
+        term = torch.einsum("icm,jcam->ija" if outer else "icm,icam->ia", s1[..., sl], t)
+        k = term if k is None else k.add_(term)
+    k.mul_(sw2 / spec.channels).add_(sb2)
+    k_e = (torch.einsum("icn,jcn->ij" if outer else "icn,icn->i", s1, s2)) * (sw2 / spec.channels) + sb2
+    theta, theta_e = k.clone(), k_e.clone()
+    record = []
+    for layer in range(spec.depth + 1):
+        if e1 is None:
+            v1 = v2 = k_e
+            record.append(k_e)
+        else:
+            v1, v2 = e1[layer], e2[layer]
+        if outer:
+            v1, v2 = v1[:, None, None], v2[None, :, None]
+        else:
+            v1, v2 = v1[:, None], v2[:, None]
+        f = gaussian_factors(spec.nonlin, k, v1, v2, theta)
+        psi, dth = f.psi_core.mul_(f.psi_scale), f.dtheta_core.mul_(f.dtheta_scale)
+        if layer < spec.depth:
+            L = spec.bands[layer + 1]
+            cp, ct = (psi @ ops.anal[L]).mul_(sw2), (dth @ ops.anal[L]).mul_(sw2)
+            k, k_e = (cp @ ops.synth[L]).add_(sb2), (cp @ ops.at_e[L]).add_(sb2)
+            theta, theta_e = (ct @ ops.synth[L]).add_(k), (ct @ ops.at_e[L]).add_(k_e)
+        else:
+            nngp = (psi @ ops.w).mul_(sr2).add_(sb2)
+            ntk = (dth @ ops.w).mul_(sr2).add_(nngp)
+    return nngp, ntk, record
+
+
+def _so3_relative(spec: SO3Spec, x1, x2=None):
+    ops = _RelOps(spec.B, spec.bands)
+    L0 = spec.bands[0]
+    s1 = lift_coefficients(x1, spec.L_in, L0)
+    s2 = s1 if x2 is None else lift_coefficients(x2, spec.L_in, L0)
+    e1 = _rel_run(spec, ops, s1, s1, outer=False)[2]
+    e2 = e1 if x2 is None else _rel_run(spec, ops, s2, s2, outer=False)[2]
+    rows = max(1, _BLOCK_BYTES // (8 * ops.w.shape[0] * max(1, s2.shape[0]) * 4))
+    nngp, ntk = [], []
+    for i in range(0, s1.shape[0], rows):
+        sl = slice(i, i + rows)
+        n, t, _ = _rel_run(spec, ops, s1[sl], s2, True, [v[sl] for v in e1], e2)
         nngp.append(n)
         ntk.append(t)
     return torch.cat(nngp), torch.cat(ntk)
