@@ -17,5 +17,5 @@ def derive_seed(*parts: object) -> int:
 
 
 def member_seed(study_seed: int, model_name: str, width: int, member: int, purpose: str = "init") -> int:
-    """Seed of one ensemble member; ``purpose`` separates streams (``init``, ``augment``)."""
+    """Seed of one ensemble member; ``purpose`` separates streams (``init``, ``augment``, ``sgd``)."""
     return derive_seed("member", study_seed, model_name, width, member, purpose)

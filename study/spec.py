@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from .groups import Group
 
@@ -19,6 +19,13 @@ Readout = Literal["gap", "flatten"]
 Support = Literal["identity", "full"]
 Basis = Literal["canonical", "escnn"]
 Augmentation = Literal["none", "full_orbit", "random"]
+Loss = Literal["mse", "cross_entropy"]
+Optimizer = Literal["gd", "sgd"]
+
+# Training fields and their defaults. At their defaults they are left out of the spec's dump
+# (``ModelSpec._dump``), so unit ids, resolved studies and cache keys of studies written
+# before these fields existed stay the same.
+TRAINING_DEFAULTS = {"loss": "mse", "optimizer": "gd", "batch_size": None}
 
 
 class ModelSpec(BaseModel):
@@ -30,6 +37,8 @@ class ModelSpec(BaseModel):
       and the orbits on which eval inputs are logged. For ``mlp`` and ``cnn`` with
       ``augmentation: none`` it only sets the eval orbits.
     - ``support`` and ``basis`` apply to ``gcnn`` and ``group_mlp`` only.
+    - ``loss``, ``optimizer``, ``batch_size``: how the members are trained (docs/models.md,
+      "Training"). Only full-batch GD on the MSE (the defaults) has an analytic counterpart.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -51,6 +60,11 @@ class ModelSpec(BaseModel):
     # The readout's weight scale (default: sigma_w). A small readout scale shrinks the
     # random initial function (the ensemble's spread) relative to what training fits.
     readout_sigma_w: Optional[float] = Field(None, gt=0)
+    # Training: mse | cross_entropy (softmax over the outputs, class = argmax of the target);
+    # gd (full batch) | sgd (each member draws batch_size distinct samples per step).
+    loss: Loss = "mse"
+    optimizer: Optimizer = "gd"
+    batch_size: Optional[int] = Field(None, ge=1)
 
     @field_validator("group")
     @classmethod
@@ -72,7 +86,33 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"support: escnn's own basis spans full-support filters only; use support: full for {self.name}"
             )
+        if self.optimizer == "sgd" and self.batch_size is None:
+            raise ValueError(
+                f"batch_size: model {self.name} uses optimizer: sgd and needs a minibatch size; add batch_size: <n>"
+            )
+        if self.optimizer == "gd" and self.batch_size is not None:
+            raise ValueError(
+                f"batch_size: model {self.name} trains full-batch (optimizer: gd); remove batch_size or set optimizer: sgd"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        for k, default in TRAINING_DEFAULTS.items():
+            if k in out and out[k] == default:
+                del out[k]
+        return out
+
+    @property
+    def analytic(self) -> bool:
+        """Whether the NTK theory describes this training: full-batch GD on the MSE."""
+        return self.loss == "mse" and self.optimizer == "gd"
+
+    @property
+    def training(self) -> tuple:
+        """``(loss, optimizer, batch_size)``: two models compare like for like only when these agree."""
+        return (self.loss, self.optimizer, self.batch_size)
 
     @property
     def group_obj(self) -> Group:
@@ -88,12 +128,20 @@ class ModelSpec(BaseModel):
         return self.arch in ("cnn", "gcnn")
 
 
-def check_model_input(spec: ModelSpec, shape: tuple[int, ...]) -> None:
+def check_model_input(spec: ModelSpec, shape: tuple[int, ...], n_train: Optional[int] = None) -> None:
     """Raise ValueError naming the field when inputs of ``shape`` (no batch axis) do not fit.
 
-    Images are ``(C, H, W)``, ring signals ``(C, m)``.
+    Images are ``(C, H, W)``, ring signals ``(C, m)``. With ``n_train`` (the number of
+    training samples) an SGD ``batch_size`` is checked against the set it samples from.
     """
     g = spec.group_obj
+    if n_train is not None and spec.batch_size is not None:
+        pool = n_train * (g.order if spec.augmentation == "full_orbit" else 1)
+        if spec.batch_size > pool:
+            what = f"{n_train} x {g.order} = {pool} augmented samples" if pool != n_train else f"{n_train} training samples"
+            raise ValueError(
+                f"batch_size: {spec.batch_size} is larger than the {what} of model {spec.name}; use at most {pool}"
+            )
     if len(shape) == 3:
         c, h, w = shape
         if spec.spatial and spec.kernel_size > min(h, w):

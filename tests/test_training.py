@@ -10,7 +10,7 @@ from study.data import StudyData
 from study.grid import UnitSpec
 from study.groups import Group
 from study.spec import ModelSpec
-from workers.augment import FullOrbit, RandomOrbit, make_augmentation, orbit
+from workers.augment import FullOrbit, Minibatches, RandomOrbit, make_augmentation, orbit
 from workers.ensemble import Ensemble, member_seeds
 from workers.models import build_model, init_parameters
 from workers.train import orbit_inputs, train_gd
@@ -197,10 +197,16 @@ def test_unit_is_deterministic():
         assert (sa, ea) == (sb, eb) and np.array_equal(pa, pb)
 
 
-@pytest.mark.parametrize("augmentation", ["none", "full_orbit", "random"])
-def test_members_do_not_depend_on_how_units_split_them(augmentation):
+SGD = dict(optimizer="sgd", batch_size=5)
+SPLITS = [dict(augmentation="none"), dict(augmentation="full_orbit"), dict(augmentation="random"),
+          dict(augmentation="none", loss="cross_entropy", **SGD), dict(augmentation="random", **SGD),
+          dict(augmentation="full_orbit", loss="cross_entropy", **SGD)]
+
+
+@pytest.mark.parametrize("fields", SPLITS, ids=lambda f: "-".join(map(str, f.values())))
+def test_members_do_not_depend_on_how_units_split_them(fields):
     data = study_data()
-    spec = MLP.model_copy(update={"augmentation": augmentation})
+    spec = ModelSpec(**{**MLP.model_dump(), **fields})
     _, whole = run(unit(spec, 0, 4), data)
     _, first = run(unit(spec, 0, 2), data)
     _, second = run(unit(spec, 2, 4), data)
@@ -261,3 +267,132 @@ def test_invariant_models_log_orbit_constant_predictions_while_training(spec):
         # an invariant network gives one value per orbit, up to float64 round-off
         np.testing.assert_allclose(p, np.broadcast_to(p[:, :, :1], p.shape), rtol=1e-10, atol=1e-10)
     assert not np.allclose(writer.at(0, "train"), writer.at(4, "train"))  # and it did train
+
+
+# ----- SGD and the cross-entropy ---------------------------------------------------------
+def class_targets(n=12, n_out=3, seed=0, dtype=torch.float64):
+    """Centred one-hot targets, as the study builds them."""
+    labels = torch.as_tensor(np.random.default_rng(seed).integers(0, n_out, n))
+    return torch.nn.functional.one_hot(labels, n_out).to(dtype) - 1.0 / n_out
+
+
+def test_minibatches_are_seeded_per_member_distinct_and_sorted():
+    g = Group.parse("C4")
+    x = torch.arange(10.0).reshape(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    y = torch.arange(10.0)[:, None]
+    seeds = member_seeds(0, "m", 8, 0, 3, purpose="sgd")
+    a = Minibatches(make_augmentation("none", g, x, y), 4, seeds)
+    b = Minibatches(make_augmentation("none", g, x, y), 4, seeds)
+    alone = Minibatches(make_augmentation("none", g, x, y), 4, seeds[1:2])  # member 1 in a unit of its own
+    rows = []
+    for _ in range(3):
+        ba, bb, bc = a.next_batch(), b.next_batch(), alone.next_batch()
+        assert ba.per_member and ba.x.shape == (3, 4, 1, 2, 2) and ba.y.shape == (3, 4, 1)
+        assert torch.equal(ba.x, bb.x) and torch.equal(ba.y, bb.y) and torch.equal(ba.x[1], bc.x[0])
+        r = ba.y[..., 0]
+        assert torch.equal(ba.x[:, :, 0, 0, 0], r)  # each input keeps its target
+        assert (r[:, 1:] > r[:, :-1]).all()  # distinct samples, in order
+        rows.append(r)
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[0][0], rows[0][1])
+    # full orbit: the |G| N augmented samples are the pool; a batch above it is refused
+    assert Minibatches(make_augmentation("full_orbit", g, x, y), 40, seeds).next_batch().x.shape == (3, 40, 1, 2, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        Minibatches(make_augmentation("random", g, x, y, seeds), 11, seeds)
+
+
+def train(spec, x, y, sgd_batch=None, steps=15, lr=0.3, dtype=torch.float64, seeds=(1, 2, 3)):
+    ens = mlp_ensemble(spec, seeds, width=8, n_out=y.shape[1]) if dtype == torch.float64 else \
+        Ensemble.from_seeds(build_model(spec, 8, tuple(x.shape[1:]), y.shape[1]), list(seeds), init_parameters, "cpu", dtype)
+    aug = make_augmentation(spec.augmentation, spec.group_obj, x, y, [s + 10 for s in seeds])
+    if sgd_batch:
+        aug = Minibatches(aug, sgd_batch, [s + 20 for s in seeds])
+    result = train_gd(ens, aug, lr, steps, [], {}, MemoryWriter(), loss=spec.loss)
+    return ens, result
+
+
+@pytest.mark.parametrize("augmentation", ["none", "full_orbit", "random"])
+def test_sgd_on_the_whole_batch_is_full_batch_gd(augmentation):
+    """Every step draws every row, in order: the same numbers as GD (bitwise for an MLP)."""
+    data = study_data()
+    x, y = torch.as_tensor(data.train_x), torch.as_tensor(data.train_y)
+    spec = MLP.model_copy(update={"augmentation": augmentation})
+    gd, gd_result = train(spec, x, y)
+    whole = len(x) * (spec.group_obj.order if augmentation == "full_orbit" else 1)
+    sgd, sgd_result = train(spec, x, y, sgd_batch=whole)
+    assert np.array_equal(gd_result.losses, sgd_result.losses)
+    for k in gd.params:
+        assert torch.equal(gd.params[k], sgd.params[k]), k
+
+
+def test_cross_entropy_gradient_matches_autograd():
+    x = torch.as_tensor(images(7, 4))
+    y = class_targets(7, 3, seed=4)
+    spec = MLP.model_copy(update={"loss": "cross_entropy"})
+    ens = mlp_ensemble(spec, seeds=(5,), n_out=3)
+    loss, grads = ens.loss_and_grad(x, y, loss="cross_entropy")
+    module = ens.member(0)
+    ref = torch.nn.functional.cross_entropy(module(x), y.argmax(dim=1))  # mean over the batch
+    ref.backward()
+    assert torch.allclose(loss[0], ref.detach(), rtol=1e-13, atol=0)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(grads[name][0], p.grad, rtol=1e-12, atol=1e-14)
+    # each member's own batch (SGD): targets per member
+    ens2 = mlp_ensemble(spec, seeds=(5, 6), n_out=3)
+    loss2, grads2 = ens2.loss_and_grad(torch.stack([x, x.flip(0)]), torch.stack([y, y.flip(0)]), per_member=True,
+                                       loss="cross_entropy")
+    assert torch.allclose(loss2[0], ref.detach(), rtol=1e-13, atol=0)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(grads2[name][0], p.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("augmentation", ["full_orbit", "random"])
+def test_vectorised_sgd_equals_a_loop_over_members(augmentation, loss, dtype, tol):
+    """The ensemble's SGD against each member trained alone with plain autograd on the same minibatches."""
+    x = torch.as_tensor(images(8, 5), dtype=dtype)
+    y = class_targets(8, 3, seed=5, dtype=dtype)
+    spec = MLP.model_copy(update={"augmentation": augmentation, "loss": loss})
+    seeds, lr, steps = (1, 2, 3), 0.5, 6
+    ens = Ensemble.from_seeds(build_model(spec, 8, (1, 4, 4), 3), list(seeds), init_parameters, "cpu", dtype)
+    members = [ens.member(j) for j in range(len(seeds))]
+    aug = lambda: Minibatches(make_augmentation(augmentation, spec.group_obj, x, y, [11, 12, 13]), 5, [21, 22, 23])
+    train_gd(ens, aug(), lr, steps, [], {}, MemoryWriter(), loss=loss)
+    batches = aug()
+    for _ in range(steps):
+        b = batches.next_batch()
+        for j, m in enumerate(members):
+            out = m(b.x[j])
+            if loss == "mse":
+                value = 0.5 * (out - b.y[j]).square().sum() / len(out)
+            else:
+                value = torch.nn.functional.cross_entropy(out, b.y[j].argmax(dim=1))
+            m.zero_grad()
+            value.backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.sub_(p.grad, alpha=lr)
+    for j, m in enumerate(members):
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(ens.params[name][j], p.detach(), rtol=tol, atol=tol)
+
+
+def test_sgd_cross_entropy_divergence_is_detected():
+    x = torch.as_tensor(images(12, 6), dtype=torch.float32)
+    y = class_targets(12, 3, seed=6, dtype=torch.float32)
+    spec = ModelSpec(name="lin", arch="mlp", depth=2, nonlinearity="identity", loss="cross_entropy",
+                     optimizer="sgd", batch_size=4)
+    _, result = train(spec, x, y, sgd_batch=4, steps=300, lr=1e6, dtype=torch.float32)
+    assert result.status == "diverged" and result.steps_reached < 300
+    assert np.all(np.isfinite(result.losses))
+
+
+def test_sgd_cross_entropy_learns_the_classes():
+    data = study_data(n=12)
+    x, y = torch.as_tensor(data.train_x), class_targets(12, 3, seed=7)
+    spec = MLP.model_copy(update={"loss": "cross_entropy", "optimizer": "sgd", "batch_size": 4})
+    ens, result = train(spec, x, y, sgd_batch=4, steps=300, lr=1.0)
+    assert result.status == "done"
+    accuracy = (ens.predict(x).argmax(dim=-1) == y.argmax(dim=1)).double().mean()
+    assert accuracy > 0.75  # chance: 1/3
+    assert result.losses[-20:].mean() < 0.5 * result.losses[0].mean()

@@ -3,7 +3,8 @@
 Every transformed input is an exact permutation of the original (``study.groups``), so
 ``full_orbit`` and ``random`` never interpolate. Each augmentation hands the trainer one
 full batch per step: either one batch shared by all members, or (``random``) one batch per
-member, since members draw their own group elements.
+member, since members draw their own group elements. ``Minibatches`` wraps any of them for
+SGD: each member then takes its own minibatch of that full batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class Batch:
     """One full training batch: ``x`` is ``[B, *shape]`` (shared) or ``[M, B, *shape]`` (per member)."""
 
     x: torch.Tensor
-    y: torch.Tensor  # [B, n_out], shared: augmentation never changes a target
+    # [B, n_out], shared: augmentation never changes a target; [M, B, n_out] for minibatches
+    # (each member samples its own rows)
+    y: torch.Tensor
     per_member: bool
 
 
@@ -89,7 +92,50 @@ class RandomOrbit:
         return Batch(self._orbit[self._rows, g], self._y, per_member=True)  # [M, N, *shape]
 
 
-Augmentation = NoAugmentation | FullOrbit | RandomOrbit
+class Minibatches:
+    """SGD: each step, each member trains on ``batch_size`` distinct samples of the augmentation's batch.
+
+    The full batch is that of ``augmentation``: the ``N`` samples (``none``), the ``|G| N``
+    augmented samples (``full_orbit``), or the ``N`` samples each turned by a fresh group
+    element (``random``: the elements are drawn as without minibatches, one per sample, and
+    the minibatch picks its samples' rows). Member ``j`` draws its rows from its own CPU
+    generator seeded by ``seeds[j]`` (uniformly without replacement, then sorted), so its
+    sequence depends neither on the device nor on which members share its unit, and with
+    ``batch_size`` equal to the whole batch every step takes every row in order, i.e. the
+    full-batch step.
+    """
+
+    def __init__(self, augmentation: "Augmentation", batch_size: int, seeds: Sequence[int]):
+        self.augmentation = augmentation
+        self.x = augmentation.x
+        self.batch_size = int(batch_size)
+        self._generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if not self._generators:
+            raise ValueError("optimizer: sgd needs one seed per member")
+        pool = augmentation.next_batch() if isinstance(augmentation, (NoAugmentation, FullOrbit)) else None
+        self.pool_size = len(pool.y) if pool is not None else augmentation.x.shape[0]
+        if not 1 <= self.batch_size <= self.pool_size:
+            raise ValueError(
+                f"batch_size: {self.batch_size} must lie in 1..{self.pool_size}, the samples one step can draw from"
+            )
+
+    def draw(self) -> torch.Tensor:
+        """The next rows of every member's minibatch, ``[M, batch_size]`` (int64, CPU, sorted per member)."""
+        return torch.stack(
+            [torch.randperm(self.pool_size, generator=gen)[: self.batch_size].sort().values for gen in self._generators]
+        )
+
+    def next_batch(self) -> Batch:
+        full = self.augmentation.next_batch()  # random augmentation draws its elements here
+        rows = self.draw().to(full.y.device)
+        if full.per_member:  # [M, P, *shape]: member j takes its rows of its own batch
+            x = full.x[torch.arange(rows.shape[0], device=rows.device)[:, None], rows]
+        else:
+            x = full.x[rows]
+        return Batch(x, full.y[rows], per_member=True)  # [M, B, *shape], [M, B, n_out]
+
+
+Augmentation = NoAugmentation | FullOrbit | RandomOrbit | Minibatches
 
 
 def make_augmentation(

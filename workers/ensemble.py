@@ -133,41 +133,54 @@ class Ensemble:
         return torch.cat(blocks, dim=0)
 
     # ----- training --------------------------------------------------------------------
-    def _block_loss_and_grad(self, params, x, y, chunks, per_member, members, vectorise):
-        """Loss ``[m]`` and gradient of one block of members, summed over sample chunks."""
-        n = y.shape[0]
+    def _block_loss_and_grad(self, params, x, y, chunks, per_member, members, vectorise, loss_kind="mse"):
+        """Loss ``[m]`` and gradient of one block of members, summed over sample chunks.
+
+        ``y`` is ``[B, n_out]`` (shared) or ``[M, B, n_out]`` (each member's own batch).
+        """
+        n = y.shape[-2]
         loss, grads = 0.0, None
         for c in chunks:
             xc = self._take(x, members, c, per_member)
+            yc = y[members, c] if y.ndim == 3 else y[c]
             out, pullback = vjp(lambda p: self._forward(p, xc, per_member, vectorise), params)
-            residual = out - y[c]  # [m, b, n_out]
-            loss = loss + 0.5 * residual.square().sum(dim=(1, 2)) / n
-            (g,) = pullback(residual / n)  # d loss_j / d f_j = (f_j - y) / B
+            chunk_loss, dout = _loss_and_output_grad(out, yc, n, loss_kind)  # [m], d loss_j / d f_j
+            loss = loss + chunk_loss
+            (g,) = pullback(dout)
             grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
         return loss.detach(), grads
 
     def loss_and_grad(
-        self, x: torch.Tensor, y: torch.Tensor, per_member: bool = False
+        self, x: torch.Tensor, y: torch.Tensor, per_member: bool = False, loss: str = "mse"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Each member's loss ``(1/(2B)) sum_i ||f(x_i) - y_i||^2`` (``[M]``) and its gradient (``[M, *shape]``)."""
+        """Each member's loss (``[M]``) and its gradient (``[M, *shape]``); ``loss`` as in ``LOSSES``.
+
+        ``y`` is ``[B, n_out]``, or ``[M, B, n_out]`` when each member has its own batch (then
+        ``x`` is per member too).
+        """
         losses, grads = [], []
         for members, chunks, vec in self._pieces(x, per_member, backward=True):
             params = self._block_params(members, vec)
-            loss, g = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec)
-            losses.append(loss)
+            lo, g = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec, loss)
+            losses.append(lo)
             grads.append(g if vec else {k: v.unsqueeze(0) for k, v in g.items()})
         return torch.cat(losses), {k: torch.cat([g[k] for g in grads]) for k in self.params}
 
-    def gd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, per_member: bool = False) -> torch.Tensor:
-        """One full-batch gradient-descent step of every member, in place; returns the losses before it (``[M]``)."""
+    def gd_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, per_member: bool = False, loss: str = "mse"
+    ) -> torch.Tensor:
+        """One gradient-descent step of every member on the batch given, in place; returns the losses before it (``[M]``).
+
+        A full batch for GD, each member's minibatch for SGD (``y`` ``[M, B, n_out]``, ``x`` per member).
+        """
         losses = []
         for members, chunks, vec in self._pieces(x, per_member, backward=True):
             params = self._block_params(members, vec)  # views: updated in place
-            loss, grads = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec)
+            loss_, grads = self._block_loss_and_grad(params, x, y, chunks, per_member, members, vec, loss)
             with torch.no_grad():
                 for k, p in params.items():
                     p.sub_(grads[k], alpha=lr)
-            losses.append(loss)
+            losses.append(loss_)
         return torch.cat(losses)
 
     @torch.no_grad()
@@ -216,6 +229,29 @@ class Ensemble:
         factor = 3 if backward else 1
         chunk = min(n, max(1, self.memory_budget // (per_sample * factor * block)))
         return block, chunk, vectorise
+
+
+# The losses a member can be trained on (docs/models.md, "Training"), each averaged over the batch.
+LOSSES = ("mse", "cross_entropy")
+
+
+def _loss_and_output_grad(out: torch.Tensor, y: torch.Tensor, n: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each member's share of the loss from a chunk (``[m]``) and its gradient with respect to the
+    outputs ``out`` (``[m, b, n_out]``), for a batch of ``n`` samples in all; ``y`` is ``[b, n_out]``
+    or ``[m, b, n_out]``.
+
+    - ``mse``: ``(1/(2n)) sum_i ||f(x_i) - y_i||^2``; gradient ``(f - y) / n``.
+    - ``cross_entropy``: ``(1/n) sum_i -log softmax(f(x_i))_{c_i}`` with ``c_i = argmax y_i``
+      (the class of a one-hot or centred one-hot target); gradient ``(softmax(f) - onehot(c)) / n``.
+    """
+    if kind == "mse":
+        residual = out - y
+        return 0.5 * residual.square().sum(dim=(1, 2)) / n, residual / n
+    if kind == "cross_entropy":
+        onehot = torch.nn.functional.one_hot(y.argmax(dim=-1), out.shape[-1]).to(out.dtype)
+        logp = torch.log_softmax(out, dim=-1)
+        return -(logp * onehot).sum(dim=(1, 2)) / n, (logp.exp() - onehot) / n
+    raise ValueError(f"loss: unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
 
 
 def _default_budget(device: torch.device) -> int:

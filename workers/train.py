@@ -1,7 +1,10 @@
-"""Full-batch gradient descent of a whole ensemble, logging predictions on group orbits.
+"""Gradient descent of a whole ensemble, logging predictions on group orbits.
 
-Loss ``L = (1/(2 N_train)) sum_i ||f(x_i) - y_i||^2`` (docs/models.md, "Training"), learning
-rate ``eta``; step ``k`` is the function after ``k`` updates (step 0: at initialisation).
+Loss ``L = (1/(2 N_train)) sum_i ||f(x_i) - y_i||^2`` (docs/models.md, "Training"), or the
+cross-entropy (``loss="cross_entropy"``), learning rate ``eta``; step ``k`` is the function
+after ``k`` updates (step 0: at initialisation). Each step takes the batch the augmentation
+hands out: the full batch, or for SGD (``augment.Minibatches``) each member's own minibatch;
+the losses recorded are those of the batch each step took.
 At each logged step every member is evaluated on every input of every eval set and on
 each element of its orbit; the writer receives ``[members, n, |G|, n_out]``.
 
@@ -59,8 +62,9 @@ def train_gd(
     eval_sets: dict[str, OrbitInputs],
     writer: Writer,
     check_every: int = 32,
+    loss: str = "mse",
 ) -> TrainResult:
-    """Train ``ensemble`` for ``steps`` full-batch GD steps, logging ``eval_sets`` at ``log_steps``."""
+    """Train ``ensemble`` for ``steps`` GD steps on ``loss``, logging ``eval_sets`` at ``log_steps``."""
     log_at = sorted(set(int(s) for s in log_steps))
     if log_at and (log_at[0] < 0 or log_at[-1] > steps):
         raise ValueError(f"log_steps: must lie in 0..{steps}, got {log_at[0]}..{log_at[-1]}")
@@ -100,7 +104,7 @@ def train_gd(
         if k == steps:
             break
         batch = augmentation.next_batch()
-        losses[k] = ensemble.gd_step(batch.x, batch.y, lr, batch.per_member)
+        losses[k] = ensemble.gd_step(batch.x, batch.y, lr, batch.per_member, loss=loss)
         if (k + 1) % check_every == 0:
             bad = first_bad(k + 1)
             if bad is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .augment import make_augmentation
+from .augment import Minibatches, make_augmentation
 from .ensemble import Ensemble, member_seeds
 from .models import build_model, init_parameters
 from .train import Writer, orbit_inputs, train_gd
@@ -96,7 +96,11 @@ def run_unit(unit, data, writer: Writer) -> UnitOutcome:
             unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop, purpose="augment"
         )
         augmentation = make_augmentation(spec.augmentation, group, x, y, augment_seeds)
+        if spec.optimizer == "sgd":
+            sgd_seeds = member_seeds(unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop, "sgd")
+            augmentation = Minibatches(augmentation, spec.batch_size, sgd_seeds)
         eval_sets = {TRAIN_SET: orbit_inputs(group, x)}
         eval_sets.update({name: orbit_inputs(group, tensor(v)) for name, v in data.eval_sets.items()})
-        result = train_gd(ensemble, augmentation, unit.lr, unit.steps, list(unit.log_steps), eval_sets, writer)
+        result = train_gd(ensemble, augmentation, unit.lr, unit.steps, list(unit.log_steps), eval_sets, writer,
+                          loss=spec.loss)
     return UnitOutcome(result.status, result.steps_reached, time.perf_counter() - start, str(device))
