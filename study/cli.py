@@ -29,7 +29,7 @@ class Prepared:
         self.text = path.read_text() if path.is_file() else ""
         self.cfg: StudyConfig = load_study(path)
         self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
-        self.cfg.check_inputs(self.data.input_shape, str(path))
+        self.cfg.check_inputs(self.data.input_shape, str(path), n_train=len(self.data.train_x))
         self.digest = self.data.digest()
         self.units = expand(self.cfg, self.digest)
 

@@ -297,6 +297,13 @@ class StudyConfig(_Strict):
                     f"log_steps {bad} lie outside the run (0..{self.steps}); drop them or raise steps"
                 )
         specs = self.model_specs  # validates every model
+        if self.kind == "kernel_regression":
+            for i, spec in enumerate(specs):
+                for f in ("loss", "optimizer", "batch_size"):
+                    if f in self.models[i]:
+                        raise ValueError(
+                            f"models.{i}.{f}: kernel_regression studies fit kernels, they train no network; remove {f}"
+                        )
         for i, m in enumerate(self.models):
             ws = m.get("widths")
             if ws is not None and (
@@ -344,13 +351,14 @@ class StudyConfig(_Strict):
             return self.lrs
         return [float(x) for x in (own if isinstance(own, list) else [own])]
 
-    def check_inputs(self, input_shape: tuple, origin: str) -> None:
-        """Raise StudyError when a model cannot take inputs of ``input_shape`` (no batch axis)."""
+    def check_inputs(self, input_shape: tuple, origin: str, n_train: Optional[int] = None) -> None:
+        """Raise StudyError when a model cannot take inputs of ``input_shape`` (no batch axis),
+        or (given ``n_train``, the number of training samples) its SGD batch is larger than its training set."""
         from .spec import check_model_input
 
         for i, spec in enumerate(self.model_specs):
             try:
-                check_model_input(spec, input_shape)
+                check_model_input(spec, input_shape, n_train)
             except ValueError as e:
                 raise StudyError(f"{origin}: models.{i}.{e}") from None
 

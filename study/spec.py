@@ -64,12 +64,22 @@ class ModelSpec(BaseModel):
     # gd (full batch) | sgd (each member draws batch_size distinct samples per step).
     loss: Loss = "mse"
     optimizer: Optimizer = "gd"
-    batch_size: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1, validate_default=True)
 
     @field_validator("group")
     @classmethod
     def _group_parses(cls, v: str) -> str:
         return Group.parse(v).name
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_for_sgd(cls, v: Optional[int], info) -> Optional[int]:
+        optimizer, name = info.data.get("optimizer"), info.data.get("name")
+        if optimizer == "sgd" and v is None:
+            raise ValueError(f"model {name} uses optimizer: sgd and needs a minibatch size; add batch_size: <n>")
+        if optimizer == "gd" and v is not None:
+            raise ValueError(f"model {name} trains full-batch (optimizer: gd); remove batch_size or set optimizer: sgd")
+        return v
 
     @model_validator(mode="after")
     def _combinations(self) -> "ModelSpec":
@@ -85,14 +95,6 @@ class ModelSpec(BaseModel):
         if self.arch in ("gcnn", "group_mlp") and self.basis == "escnn" and self.support != "full":
             raise ValueError(
                 f"support: escnn's own basis spans full-support filters only; use support: full for {self.name}"
-            )
-        if self.optimizer == "sgd" and self.batch_size is None:
-            raise ValueError(
-                f"batch_size: model {self.name} uses optimizer: sgd and needs a minibatch size; add batch_size: <n>"
-            )
-        if self.optimizer == "gd" and self.batch_size is not None:
-            raise ValueError(
-                f"batch_size: model {self.name} trains full-batch (optimizer: gd); remove batch_size or set optimizer: sgd"
             )
         return self
 

@@ -93,6 +93,27 @@ CASES = [
     ("augmentation on an equivariant model",
      replace(GOOD, "support: identity}", "support: identity, augmentation: full_orbit}"), {}, ["augmentation", "none"]),
     ("not a mapping", "- just\n- a list\n", {}, ["YAML mapping"]),
+    ("sgd without a batch size", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, optimizer: sgd"), {},
+     ["models.0.batch_size", "optimizer: sgd", "add batch_size"]),
+    ("batch size with full-batch gd", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, batch_size: 4"), {},
+     ["models.0.batch_size", "remove batch_size", "optimizer: sgd"]),
+    ("batch larger than the training set",
+     replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, optimizer: sgd, batch_size: 9"), {},
+     ["models.0.batch_size", "8 training samples", "at most 8"]),
+    ("batch larger than the full orbit",
+     replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, augmentation: full_orbit, optimizer: sgd, batch_size: 33"), {},
+     ["models.0.batch_size", "8 x 4 = 32", "at most 32"]),
+    ("batch size not positive", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, optimizer: sgd, batch_size: 0"), {},
+     ["models.0.batch_size", "out of range"]),
+    ("unsupported loss", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, loss: hinge"), {},
+     ["models.0.loss", "hinge", "cross_entropy"]),
+    ("unsupported optimizer", replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, optimizer: adam"), {},
+     ["models.0.optimizer", "adam", "sgd"]),
+    ("training fields in a kernel-regression study",
+     "name: r\nkind: kernel_regression\ndata: {train: {source: digits, n: 8}}\n"
+     "regression: {test: {source: digits, n: 4, start: 100}, sizes: [4]}\n"
+     "models:\n  - {name: mlp, arch: mlp, loss: cross_entropy}\n", {},
+     ["models.0.loss", "kernel_regression", "remove loss"]),
 ]
 
 
@@ -138,3 +159,21 @@ def test_unit_ids_stable_and_sensitive(tmp_path):
     c = Prepared(write(tmp_path, replace(GOOD, "lr: 0.5", "lr: 0.25"), "c.yaml"))
     assert [u.unit_id for u in a.units] == [u.unit_id for u in b.units]
     assert not {u.unit_id for u in a.units} & {u.unit_id for u in c.units}
+
+
+def test_training_fields_change_unit_ids_only_when_set(tmp_path):
+    """Defaults are left out of the spec's dump, so studies written before the fields existed keep their ids."""
+    from study.cli import Prepared
+    from study.spec import ModelSpec
+
+    plain = ModelSpec(name="m", arch="mlp")
+    assert not {"loss", "optimizer", "batch_size"} & set(plain.model_dump(mode="json"))
+    sgd = ModelSpec(name="m", arch="mlp", loss="cross_entropy", optimizer="sgd", batch_size=4)
+    assert ModelSpec(**sgd.model_dump()) == sgd and sgd.model_dump()["batch_size"] == 4
+    a = Prepared(write(tmp_path, GOOD, "a.yaml"))
+    b = Prepared(write(tmp_path, replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, depth: 1, loss: mse, optimizer: gd"), "b.yaml"))
+    c = Prepared(write(tmp_path, replace(GOOD, "arch: mlp, depth: 1", "arch: mlp, depth: 1, optimizer: sgd, batch_size: 8"),
+                       "c.yaml"))
+    assert [u.unit_id for u in a.units] == [u.unit_id for u in b.units]
+    changed = {u.unit_id for u in a.units} ^ {u.unit_id for u in c.units}
+    assert len(changed) == 4  # the mlp's two units, old and new
