@@ -284,3 +284,15 @@ def test_orbit_average_reduces_to_mlp_kernel_for_invariant_inputs():
     c[..., 0] = rng.standard_normal((3, 2))
     x = isht(c, dh_grid(2))
     assert (orbit_averaged_sphere_mlp_kernel(spec, x, B_q=2)[1] - sphere_mlp_kernel_fn(spec, x)[1]).abs().max() < 1e-12
+
+
+@pytest.mark.slow
+def test_empirical_ntk_converges_to_width_1024():
+    # The long version of the convergence check (opt in with --runslow; ~1-2 min on 2 cores).
+    spec = SO3Spec(channels=2, L_in=3, bands=(3, 2), B=3, nonlin="relu", sigma_b=0.1)
+    X = torch.tensor(_signals(4, 2, 3, 7))
+    _, ntk = so3_kernel_fn(spec, X.numpy())
+    rows, slope = _convergence("SO(3) GCNN relu (3, 2), to width 1024", lambda w, s: build_so3_model(spec, w, seed=s),
+                               ntk, X, [16, 64, 256, 1024], 30)
+    assert -0.7 < slope < -0.35
+    assert all(mean_err < 3 * se for _, _, mean_err, se in rows[1:])
