@@ -131,6 +131,9 @@ def test_qm9_malformed_files_name_the_file_and_line(tmp_path):
     junk = tmp_path / "junk.tar.bz2"
     junk.write_bytes(b"BZh91AY&SY" + bytes(range(256)) * 4)
     _one_line_error(lambda: M.load_qm9(junk), "junk.tar.bz2", "not a readable tar archive")
+    cut = tmp_path / "cut.tar.bz2"  # an interrupted download
+    cut.write_bytes(qm9_tar(tmp_path).read_bytes()[:300])
+    _one_line_error(lambda: M.load_qm9(cut), "cut.tar.bz2", "not a readable tar archive", "re-download")
 
 
 # ----- atom environments -------------------------------------------------------------------
