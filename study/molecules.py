@@ -285,7 +285,7 @@ def parse_qm9_xyz(text: str, where: str) -> tuple[int, np.ndarray, np.ndarray, f
     try:
         n = int(lines[0].split()[0])
     except ValueError:
-        raise StudyError(f"qm9: {where} line 1: {lines[0].strip()[:40]!r} is not an atom count; the file is damaged") from None
+        raise StudyError(f"qm9: {where} line 1: {' '.join(lines[0].split())[:40]!r} is not an atom count; the file is damaged") from None
     if n <= 0:
         raise StudyError(f"qm9: {where} line 1: atom count {n} must be positive; the file is damaged")
     if len(lines) < n + 2:
@@ -304,14 +304,14 @@ def parse_qm9_xyz(text: str, where: str) -> tuple[int, np.ndarray, np.ndarray, f
         ln = a + 3
         t = lines[a + 2].split()
         if len(t) < 4:
-            raise StudyError(f"qm9: {where} line {ln}: {lines[a + 2].strip()[:60]!r} has {len(t)} fields; expected 'Element x y z charge'")
+            raise StudyError(f"qm9: {where} line {ln}: {' '.join(t)[:60]!r} has {len(t)} fields; expected 'Element x y z charge'")
         if t[0] not in NUMBERS:
             raise StudyError(f"qm9: {where} line {ln}: element {t[0]!r} is not one of H, C, N, O, F")
         try:
             pos[a] = [_num(v) for v in t[1:4]]
         except ValueError:
             raise StudyError(
-                f"qm9: {where} line {ln}: {lines[a + 2].strip()[:60]!r} has a coordinate that is not a number; "
+                f"qm9: {where} line {ln}: {' '.join(t)[:60]!r} has a coordinate that is not a number; "
                 "expected 'Element x y z charge'"
             ) from None
         z[a] = NUMBERS[t[0]]
