@@ -35,7 +35,6 @@ import lzma
 import os
 import re
 import tarfile
-import tempfile
 import time
 import zipfile
 import zlib
@@ -183,10 +182,12 @@ class MoleculeSet:
 
 
 def _atomic_savez(path: Path, arrays: dict) -> None:
+    """A temporary file in the same folder (unique per process; created with the usual
+    umask permissions), then ``os.replace``: readers see no file or a whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

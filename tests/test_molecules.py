@@ -255,3 +255,20 @@ def test_generated_energies_known_values_and_cache(tmp_path, monkeypatch):
         M.generate_conformers(n_conformers=1, seed=6, method="HF/STO-3G", molecules=("H2",), cache_dir=tmp_path)
     _one_line_error(lambda: M.generate_conformers(1, method="HF", cache_dir=tmp_path), "THEORY/BASIS")
     _one_line_error(lambda: M.generate_conformers(1, molecules=("C60",), cache_dir=tmp_path), "C60")
+
+
+def test_interrupted_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    s = M.load_qm9(qm9_dir(tmp_path))
+    path = tmp_path / "set.npz"
+    s.save(path)
+    before = path.read_bytes()
+
+    def killed(f, **arrays):
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M.np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        s.subset([0]).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qm9", "set.npz"]
