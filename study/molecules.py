@@ -416,7 +416,7 @@ def _read_tar(path: Path, limit: Optional[int], excl: set) -> list[tuple[str, by
                     del kept[limit:]
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
         raise StudyError(
-            f"qm9: {path} is not a readable tar archive ({type(e).__name__}: {str(e)[:60]}); "
+            f"qm9: {path} is not a readable tar archive ({_short(e, 60)}); "
             f"re-download {QM9_SOURCE} or give the folder of extracted .xyz files"
         ) from None
     if not kept:
@@ -527,6 +527,11 @@ def conformer(name: str, k: int, seed: int, sigma: float = DEFAULT_SIGMA) -> tup
     return z, pos - pos.mean(axis=0)
 
 
+def _short(e: BaseException, n: int = 80) -> str:
+    """An exception as one short line."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
+
+
 def _parse_method(method: str) -> tuple[str, str]:
     parts = method.split("/")
     if len(parts) != 2 or not parts[0] or not parts[1]:
@@ -558,7 +563,7 @@ def qc_energy(z, pos, method: str = DEFAULT_METHOD, spin: int = 0) -> float:
     try:
         mol = gto.M(atom=atoms, basis=basis, spin=spin, unit="Angstrom", verbose=0)
     except Exception as e:  # pyscf raises plain errors for unknown basis names
-        raise StudyError(f"molecules: PySCF cannot build basis {basis!r} for {method!r} ({type(e).__name__}: {str(e)[:60]})") from None
+        raise StudyError(f"molecules: PySCF cannot build basis {basis!r} for {method!r} ({_short(e)})") from None
     if theory == "HF":
         mf = scf.RHF(mol) if spin == 0 else scf.UHF(mol)
     else:
@@ -572,7 +577,7 @@ def qc_energy(z, pos, method: str = DEFAULT_METHOD, spin: int = 0) -> float:
     except StudyError:
         raise
     except Exception as ex:
-        raise StudyError(f"molecules: PySCF failed for {method!r} ({type(ex).__name__}: {str(ex)[:80]})") from None
+        raise StudyError(f"molecules: PySCF failed for {method!r} ({_short(ex)})") from None
     if not mf.converged:
         raise StudyError(f"molecules: the {method} SCF did not converge for {''.join(SYMBOLS[int(a)] for a in z)}")
     return float(e)

@@ -227,6 +227,7 @@ def test_cache_dir_follows_eqntk_cache(monkeypatch, tmp_path):
 
 
 # ----- PySCF ---------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Basis may be available")
 def test_generated_energies_known_values_and_cache(tmp_path, monkeypatch):
     pytest.importorskip("pyscf", reason="PySCF not installed (scripts/bootstrap.sh installs it); generation untested")
     h2 = (np.array([1, 1]), np.array([[0.0, 0, 0], [0, 0, 0.74]]))
@@ -254,6 +255,7 @@ def test_generated_energies_known_values_and_cache(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):  # another seed is another cache entry
         M.generate_conformers(n_conformers=1, seed=6, method="HF/STO-3G", molecules=("H2",), cache_dir=tmp_path)
     _one_line_error(lambda: M.generate_conformers(1, method="HF", cache_dir=tmp_path), "THEORY/BASIS")
+    _one_line_error(lambda: M.atom_energies([1], "HF/nosuchbasis"), "cannot build basis 'nosuchbasis'")
     _one_line_error(lambda: M.generate_conformers(1, molecules=("C60",), cache_dir=tmp_path), "C60")
 
 
