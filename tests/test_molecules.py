@@ -235,6 +235,7 @@ def test_generated_energies_known_values_and_cache(tmp_path, monkeypatch):
     assert e_h2 == pytest.approx(-1.11676, abs=2e-5)  # textbook RHF/STO-3G at 0.74 A (Szabo-Ostlund: -1.1167)
     atoms = M.atom_energies([1, 8], "HF/STO-3G")
     assert atoms[1] == pytest.approx(-0.466582, abs=2e-6)  # exact STO-3G H atom (zeta 1.24)
+    _one_line_error(lambda: M.atom_energies([1], "HF/nosuchbasis"), "cannot build basis 'nosuchbasis'")
 
     monkeypatch.setenv("EQNTK_CACHE", str(tmp_path / "never"))
     s = M.generate_conformers(n_conformers=1, seed=5, method="HF/STO-3G", molecules=("H2", "H2O"), cache_dir=tmp_path)
@@ -255,7 +256,6 @@ def test_generated_energies_known_values_and_cache(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):  # another seed is another cache entry
         M.generate_conformers(n_conformers=1, seed=6, method="HF/STO-3G", molecules=("H2",), cache_dir=tmp_path)
     _one_line_error(lambda: M.generate_conformers(1, method="HF", cache_dir=tmp_path), "THEORY/BASIS")
-    _one_line_error(lambda: M.atom_energies([1], "HF/nosuchbasis"), "cannot build basis 'nosuchbasis'")
     _one_line_error(lambda: M.generate_conformers(1, molecules=("C60",), cache_dir=tmp_path), "C60")
 
 
