@@ -626,9 +626,11 @@ def generate_conformers(
     Cached as ``.npz`` in ``cache_dir`` (default :func:`default_cache_dir`), keyed by a digest
     of the settings, the geometries and the PySCF version; written atomically, so a killed run
     leaves either no file or a whole one. ``meta`` records the settings and the seconds spent.
-    ``threads``: PySCF's OpenMP threads while computing (default 1, see ``_pyscf_threads``;
-    ``None`` leaves PySCF's setting, from ``OMP_NUM_THREADS``).
+    ``threads``: OpenMP (PySCF) and BLAS threads while computing (default 1, see
+    ``_pyscf_threads``; ``None`` leaves the libraries' settings).
     """
+    if isinstance(molecules, str):
+        molecules = (molecules,)
     if n_conformers <= 0:
         raise StudyError(f"molecules: n_conformers {n_conformers} must be positive")
     if not sigma >= 0:
@@ -637,7 +639,7 @@ def generate_conformers(
         molecule_geometry(name)
     _parse_method(method)
     version = _pyscf()[0]
-    settings = {
+    settings = {  # bump "format" when conformer() or the energy recipe changes
         "format": 1, "n_conformers": int(n_conformers), "seed": int(seed), "method": method, "sigma": float(sigma),
         "molecules": list(molecules), "geometries": {m: GEOMETRIES[m] for m in molecules}, "pyscf": version,
         "strain": list(_MAX_STRAIN),
