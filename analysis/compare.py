@@ -25,6 +25,13 @@ orbit points x outputs of the slice; RMS is over points):
 - Orbit spread of the ensemble mean: ``RMS_g(mean(L_g x) - orbit average) / RMS(mean)``;
   ``spread_noise`` is the spread independent errors of size ``se`` would give,
   ``sqrt((1 - 1/|G|) RMS(se)^2) / RMS(mean)``.
+
+Slices without an analytic prediction (a model trained by SGD or on the cross-entropy, which
+has no analytic counterpart, or one whose theory failed) keep NaN ``mu``, ``z`` and analytic
+columns in ``points``, ``invariance`` and ``pairs``, and are left out of ``agreement`` and
+``convergence``, which measure the distance to the theory. The ensemble-only comparisons
+(orbit spread, pair gaps) include them; a pair is compared only when both models are trained
+alike (``ModelSpec.training``: loss, optimizer, batch size).
 """
 
 from __future__ import annotations
@@ -113,8 +120,9 @@ def _sqrt_ratio(num, den) -> np.ndarray:
 
 # ----- agreement with theory -------------------------------------------------------------
 def agreement(points: pd.DataFrame) -> pd.DataFrame:
-    """One row per slice: z-score summaries, errors (with sums of squares for pooling), variance ratio."""
-    p = points
+    """One row per slice with an analytic prediction: z-score summaries, errors (with sums of
+    squares for pooling), variance ratio."""
+    p = points[points["mu"].notna()]
     d = p["mean"] - p["mu"]
     tmp = p[SLICE + ["members"]].assign(
         err2=d**2,
@@ -269,18 +277,20 @@ def model_pairs(specs: list[ModelSpec]) -> list[dict]:
       group (mlp <-> group_mlp, cnn <-> gcnn; any support or basis).
     - ``gcnn``: two GCNNs of the same arch and group that differ in support or basis (the
       canonical one second when only one is canonical).
+
+    Both models of a pair are trained alike (same loss, optimizer and batch size).
     """
     pairs = []
     partner = {"mlp": "group_mlp", "cnn": "gcnn"}
     for a in specs:
         if a.arch in partner and a.augmentation != "none":
             for b in specs:
-                if b.arch == partner[a.arch] and b.group == a.group:
+                if b.arch == partner[a.arch] and b.group == a.group and b.training == a.training:
                     pairs.append(dict(a=a.name, b=b.name, kind="augmentation"))
     eq = [s for s in specs if s.equivariant]
     for i, a in enumerate(eq):
         for b in eq[i + 1:]:
-            if a.arch == b.arch and a.group == b.group:
+            if a.arch == b.arch and a.group == b.group and a.training == b.training:
                 if a.basis == "canonical" and b.basis != "canonical":
                     a, b = b, a
                 pairs.append(dict(a=a.name, b=b.name, kind="gcnn"))
@@ -311,8 +321,8 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
         )
         a = tmp.groupby(["width", "lr", "step", "eval_set"], sort=True).agg(
             members_a=("members_a", "min"), members_b=("members_b", "min"), n_points=("diff2", "size"),
-            diff_ss=("diff2", "sum"), comb_ss=("comb2", "sum"), mu_diff_ss=("mu_diff2", "sum"),
-            mu_ss=("mu_norm2", "sum"), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
+            diff_ss=("diff2", "sum"), comb_ss=("comb2", "sum"), mu_diff_ss=("mu_diff2", _sum_or_nan),
+            mu_ss=("mu_norm2", _sum_or_nan), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
         ).reset_index()
         a.insert(0, "kind", pr["kind"])
         a.insert(0, "b", pr["b"])
@@ -323,6 +333,11 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     out["time"] = out["lr"] * out["step"]
     return _gaps(out)
+
+
+def _sum_or_nan(s: pd.Series) -> float:
+    """The sum, NaN when any term is NaN (a model without an analytic prediction has no analytic gap)."""
+    return float(s.sum(skipna=False))
 
 
 def _gaps(a: pd.DataFrame) -> pd.DataFrame:
@@ -337,7 +352,7 @@ def pooled_gaps(gaps: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Pair gaps pooled over all steps > 0 (and whatever ``by`` leaves out)."""
     s = gaps[gaps["step"] > 0].groupby(by, sort=True).agg(
         n_points=("n_points", "sum"), diff_ss=("diff_ss", "sum"), comb_ss=("comb_ss", "sum"),
-        mu_diff_ss=("mu_diff_ss", "sum"), mu_ss=("mu_ss", "sum"),
+        mu_diff_ss=("mu_diff_ss", _sum_or_nan), mu_ss=("mu_ss", _sum_or_nan),
         members_a=("members_a", "min"), members_b=("members_b", "min"),
     ).reset_index()
     return _gaps(s)
@@ -348,9 +363,10 @@ def spec_table(specs: list[ModelSpec], widths: dict[str, list[int]]) -> pd.DataF
     return pd.DataFrame([
         dict(model=s.name, arch=s.arch, group=s.group, depth=s.depth, support=s.support if s.equivariant else "",
              basis=s.basis if s.equivariant else "", augmentation=s.augmentation,
+             loss=s.loss, optimizer=s.optimizer, batch_size=s.batch_size,
              widths=" ".join(map(str, widths[s.name])))
         for s in specs
-    ])
+    ]).astype({"batch_size": "Int64"})
 
 
 def build_tables(stats: pd.DataFrame, theories: dict, specs: list[ModelSpec],
@@ -367,7 +383,7 @@ def build_tables(stats: pd.DataFrame, theories: dict, specs: list[ModelSpec],
         invariance=orbit_spread(points),
         pairs=pair_gaps(points, model_pairs(specs)),
         theory=pd.DataFrame([
-            dict(model=t.model, lr=t.lr, status="ok" if t.ok else "unavailable", error=t.error or "",
+            dict(model=t.model, lr=t.lr, status=t.status, error=t.error or "",
                  seconds=round(t.seconds, 3), cached=t.cached)
             for t in theories.values()
         ], columns=["model", "lr", "status", "error", "seconds", "cached"]),

@@ -7,6 +7,10 @@ sets go through one call, so the training kernel is decomposed once per model; r
 test kernel that are training inputs are copied from the training kernel, and invariant
 models (GCNN, group MLP) are evaluated once per orbit after a check (``compute_theory``).
 
+Only full-batch GD on the MSE has an analytic counterpart: a model trained with ``optimizer:
+sgd`` or ``loss: cross_entropy`` gets a ``Theory`` with ``applicable`` false and no arrays,
+and no kernel is computed for it (``no_counterpart``).
+
 The prediction does not depend on the width, so it is computed once per (model, lr) and
 cached as ``DIR/analysis/theory-<model>-<lr>.npz``. The cache key hashes the resolved spec,
 the lr, the logged steps, the data digest and the source of the kernel engine, the
@@ -44,10 +48,28 @@ class Theory:
     error: Optional[str] = None  # why there is no prediction (e.g. lr above the stability bound)
     seconds: float = 0.0
     cached: bool = False
+    applicable: bool = True  # false: the model's training has no analytic counterpart (SGD, cross-entropy)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``not applicable`` (no analytic counterpart) or ``unavailable`` (the computation failed)."""
+        return "ok" if self.ok else ("unavailable" if self.applicable else "not applicable")
+
+
+def no_counterpart(spec: ModelSpec) -> Optional[str]:
+    """Why the NTK theory does not describe how ``spec`` is trained, or None when it does."""
+    if spec.analytic:
+        return None
+    how = []
+    if spec.optimizer != "gd":
+        how.append(f"optimizer {spec.optimizer} (batch_size {spec.batch_size})")
+    if spec.loss != "mse":
+        how.append(f"loss {spec.loss}")
+    return "no analytic counterpart: trained with " + " and ".join(how) + "; the theory is full-batch GD on the MSE"
 
 
 def orbit_points(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
@@ -162,9 +184,12 @@ def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn
     """
     from .predict import UnstableLearningRate
 
+    th = Theory(model=spec.name, lr=float(lr), steps=list(steps))
+    if no_counterpart(spec):
+        th.error, th.applicable = no_counterpart(spec), False
+        return th
     sets = data.all_sets()
     order = spec.group_obj.order
-    th = Theory(model=spec.name, lr=float(lr), steps=list(steps))
     t0 = time.perf_counter()
     try:
         pred = None
@@ -273,6 +298,7 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
     at most one per job); the kernel engine must then be picklable, otherwise they are
     computed here one after another. A failure that depends on the study (an unstable lr)
     is cached like a result; any other failure is not, so a fixed kernel engine is retried.
+    A model without an analytic counterpart (``no_counterpart``) is neither computed nor cached.
     """
     import os
     import pickle
@@ -288,6 +314,10 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
     result, todo = {}, []
     for spec in cfg.model_specs:
         for lr in cfg.lrs_of(spec.name):
+            if no_counterpart(spec):  # nothing to compute or cache
+                result[(spec.name, float(lr))] = Theory(model=spec.name, lr=float(lr), steps=list(steps),
+                                                        error=no_counterpart(spec), applicable=False)
+                continue
             key = cache_key(spec, lr, steps, digest)
             th = _load(cache_path(out, spec.name, lr), key, spec.name, lr)
             if th is None:

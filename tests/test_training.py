@@ -396,3 +396,59 @@ def test_sgd_cross_entropy_learns_the_classes():
     accuracy = (ens.predict(x).argmax(dim=-1) == y.argmax(dim=1)).double().mean()
     assert accuracy > 0.75  # chance: 1/3
     assert result.losses[-20:].mean() < 0.5 * result.losses[0].mean()
+
+
+SGD_STUDY = """
+name: tiny-sgd
+seed: 4
+data:
+  train: {source: digits, n: 6}
+  eval:
+    - {name: noise, data: {source: gaussian, n: 2}}
+group: C4
+models:
+  - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
+  - {name: mlp_aug_sgd, arch: mlp, depth: 1, augmentation: full_orbit, loss: cross_entropy, optimizer: sgd, batch_size: 4}
+  - {name: gmlp_sgd, arch: group_mlp, depth: 1, support: identity, loss: cross_entropy, optimizer: sgd, batch_size: 4}
+widths: [8, 16]
+ensemble_size: 4
+members_per_unit: 2
+lr: 0.5
+steps: 10
+log_steps: [0, 1, 10]
+"""
+
+
+def test_sgd_cross_entropy_study_end_to_end(tmp_path):
+    """``eqntk run`` with analysis and report: models without an analytic counterpart get no kernel
+    and stay out of the comparisons with theory, but not out of the ensemble-only ones."""
+    import textwrap
+
+    from analysis import pipeline
+    from study.cli import main
+
+    study = tmp_path / "sgd.yaml"
+    study.write_text(textwrap.dedent(SGD_STUDY))
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "report" / "index.html").is_file()
+    t = pipeline.load_tables(out)
+    assert (t["units"]["state"] == "done").all()
+    th = t["theory"].set_index("model")
+    assert th.loc["mlp_aug", "status"] == "ok"
+    for m in ("mlp_aug_sgd", "gmlp_sgd"):
+        assert th.loc[m, "status"] == "not applicable" and "no analytic counterpart" in th.loc[m, "error"]
+        assert not list((out / "analysis").glob(f"theory-{m}-*"))  # nothing computed or cached
+    p = t["points"]
+    sgd = p["model"] != "mlp_aug"
+    assert p.loc[sgd, "mu"].isna().all() and np.isfinite(p.loc[sgd, "mean"]).all()
+    assert p.loc[~sgd, "mu"].notna().all()
+    assert set(t["agreement"]["model"]) == set(t["convergence"]["model"]) == {"mlp_aug"}
+    inv = t["invariance"]
+    assert set(inv["model"]) == {"mlp_aug", "mlp_aug_sgd", "gmlp_sgd"}
+    assert inv.loc[inv["model"] == "gmlp_sgd", "spread"].max() < 1e-5  # invariant by construction
+    pairs = t["pairs"]
+    assert set(zip(pairs["a"], pairs["b"])) == {("mlp_aug_sgd", "gmlp_sgd")}  # only pairs trained alike
+    assert pairs["gap_se"].notna().all() and pairs["theory_gap_se"].isna().all()
+    models = t["models"].set_index("model")
+    assert models.loc["gmlp_sgd", "optimizer"] == "sgd" and models.loc["gmlp_sgd", "batch_size"] == 4
