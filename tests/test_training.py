@@ -410,9 +410,8 @@ models:
   - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
   - {name: mlp_aug_sgd, arch: mlp, depth: 1, augmentation: full_orbit, loss: cross_entropy, optimizer: sgd, batch_size: 4}
   - {name: gmlp_sgd, arch: group_mlp, depth: 1, support: identity, loss: cross_entropy, optimizer: sgd, batch_size: 4}
-widths: [8, 16]
+widths: [8]
 ensemble_size: 4
-members_per_unit: 2
 lr: 0.5
 steps: 10
 log_steps: [0, 1, 10]
