@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .spec import ModelSpec
 
@@ -88,8 +88,45 @@ class RingSource(_Strict):
     start: int = Field(0, ge=0)
 
 
+class SphericalDigitsSource(_Strict):
+    """scikit-learn's digits (the ``digits`` order) projected onto the sphere (as the Spherical
+    CNNs MNIST-on-sphere benchmark does), sampled on the DH grid of bandwidth ``L``
+    (``2L x 2L``) and band-limited to degrees ``< L``, so every rotation acts exactly.
+    ``rotate``: each digit turned by a Haar rotation drawn once per digit from the study seed.
+    ``L`` may be left out in an eval set (then that of the training data)."""
+
+    source: Literal["spherical_digits"]
+    n: int = Field(gt=0)
+    start: int = Field(0, ge=0)
+    L: Optional[int] = Field(None, ge=1)
+    rotate: bool = False
+
+
+class SphereNoiseSource(_Strict):
+    """White noise band-limited to degrees ``< L`` (i.i.d. N(0, 1) SH coefficients) on the DH grid: off the data manifold."""
+
+    source: Literal["sphere_noise"]
+    n: int = Field(gt=0)
+    L: Optional[int] = Field(None, ge=1)
+
+
+class SpherePhotoSource(_Strict):
+    """Grey patches of scikit-learn's sample photographs projected onto the sphere as ``spherical_digits``."""
+
+    source: Literal["sphere_photos"]
+    n: int = Field(gt=0)
+    patch: int = Field(32, gt=0)
+    L: Optional[int] = Field(None, ge=1)
+
+
+# Sources of signals on the sphere (DH grids); SO3 models train on the first.
+SPHERE_TRAIN_SOURCES = ("spherical_digits",)
+SPHERE_SOURCES = ("spherical_digits", "sphere_noise", "sphere_photos")
+UNLABELLED_SOURCES = ("gaussian", "sample_images", "sphere_noise", "sphere_photos")
+
 Source = Annotated[
-    Union[DigitsSource, RotatedDigitsSource, NpzSource, GaussianSource, PhotoPatchSource, RingSource],
+    Union[DigitsSource, RotatedDigitsSource, NpzSource, GaussianSource, PhotoPatchSource, RingSource,
+          SphericalDigitsSource, SphereNoiseSource, SpherePhotoSource],
     Field(discriminator="source"),
 ]
 
@@ -115,8 +152,12 @@ class DataConfig(_Strict):
     @field_validator("train")
     @classmethod
     def _labelled(cls, v):
-        if v.source in ("gaussian", "sample_images"):
-            raise ValueError(f"source {v.source} has no labels; train on digits, rotated_digits, npz or ring data")
+        if v.source in UNLABELLED_SOURCES:
+            raise ValueError(
+                f"source {v.source} has no labels; train on digits, rotated_digits, npz, ring or spherical_digits data"
+            )
+        if v.source in SPHERE_SOURCES and v.L is None:
+            raise ValueError(f"L: the training source {v.source} needs its DH grid bandwidth; add L: <bandwidth>, e.g. L: 4")
         return v
 
     @model_validator(mode="after")
@@ -125,6 +166,14 @@ class DataConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"eval set names must be unique, repeated: {sorted(dup)}")
+        sphere = self.train.source in SPHERE_SOURCES
+        for e in self.eval:
+            if (e.data.source in SPHERE_SOURCES) != sphere:
+                want = "spherical_digits, sphere_noise or sphere_photos" if sphere else "a source of images or rings"
+                what = "signals on the sphere" if sphere else f"images or rings ({self.train.source})"
+                raise ValueError(
+                    f"eval.{e.name}: source {e.data.source} does not match the training data, which are {what}; use {want}"
+                )
         return self
 
 
@@ -163,7 +212,7 @@ class RegressionConfig(_Strict):
     @field_validator("test")
     @classmethod
     def _labelled(cls, v):
-        if v.source in ("gaussian", "sample_images"):
+        if v.source in UNLABELLED_SOURCES:
             raise ValueError(f"source {v.source} has no labels; test on digits, rotated_digits, npz or ring data")
         return v
 
@@ -230,11 +279,22 @@ class StudyConfig(_Strict):
     steps: Optional[int] = Field(None, ge=1)
     log_steps: Optional[Union[list[int], LogSpaced]] = None
     regression: Optional[RegressionConfig] = None
+    # Group SO3: the number K of seeded rotations (identity first) on which every SO3 model's
+    # eval inputs are logged; default 8 (study.groups.SO3Group). A model may override it.
+    rotations: Optional[int] = Field(None, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resources: Resources = Resources()
     store_members: bool = False
     max_retries: int = Field(3, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # Left out unset, so the resolved study (study.json) of studies without SO3 is unchanged.
+        out = handler(self)
+        if out.get("rotations", 0) is None:
+            del out["rotations"]
+        return out
 
     @field_validator("widths")
     @classmethod
@@ -266,9 +326,9 @@ class StudyConfig(_Strict):
     @field_validator("group")
     @classmethod
     def _group(cls, v: str) -> str:
-        from .groups import Group
+        from .groups import group_name
 
-        return Group.parse(v).name
+        return group_name(v)
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
@@ -322,7 +382,19 @@ class StudyConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model names must be unique, repeated: {sorted(dup)}")
+        self._check_so3(specs)
         return self
+
+    def _check_so3(self, specs: list[ModelSpec]) -> None:
+        """SO3 models need signals on the sphere; ``rotations`` needs SO3 models."""
+        so3 = [s for s in specs if s.so3]
+        if self.rotations is not None and not so3:
+            raise ValueError("rotations: only models with group SO3 log a sample of rotations; remove it")
+        if so3 and self.kind == "ensemble" and self.data.train.source not in SPHERE_TRAIN_SOURCES:
+            raise ValueError(
+                f"data.train: model {so3[0].name} ({so3[0].arch}) needs signals on the sphere; "
+                f"use source {' or '.join(SPHERE_TRAIN_SOURCES)}"
+            )
 
     @property
     def model_specs(self) -> list[ModelSpec]:
@@ -333,6 +405,8 @@ class StudyConfig(_Strict):
             m.pop("lr", None)
             m.pop("ensemble_size", None)
             m.setdefault("group", self.group)
+            if self.rotations is not None and _is_so3(m["group"]):
+                m.setdefault("rotations", self.rotations)
             try:
                 out.append(ModelSpec(**m))
             except ValidationError as e:
@@ -391,6 +465,15 @@ class StudyConfig(_Strict):
     @property
     def unit_size(self) -> int:
         return self.members_per_unit or self.ensemble_size
+
+
+def _is_so3(group) -> bool:
+    from .groups import SO3_NAME, group_name
+
+    try:
+        return group_name(group) == SO3_NAME
+    except ValueError:
+        return False  # ModelSpec names the bad group
 
 
 def _first_error(e: ValidationError, prefix: str = "") -> str:

@@ -161,3 +161,107 @@ def _stack(items, like, axis: int):
     import torch
 
     return torch.stack(items, dim=axis)
+
+
+# ----- SO(3): a continuous group, logged on a fixed sample of rotations --------------------
+SO3_NAME = "SO3"
+DEFAULT_SO3_ROTATIONS = 8
+
+
+def group_name(name: str) -> str:
+    """The canonical name of a group field: ``C<n>``, ``D<n>`` or ``SO3`` (also ``so3``, ``SO(3)``)."""
+    if str(name).strip().upper().replace("(", "").replace(")", "") == SO3_NAME:
+        return SO3_NAME
+    try:
+        return Group.parse(name).name
+    except ValueError as e:
+        if not str(e).startswith("unknown group"):
+            raise
+        raise ValueError(f"unknown group {name!r}: use C<n> or D<n> (for example C4, D4), or SO3") from None
+
+
+@dataclass(frozen=True)
+class SO3Group:
+    """SO(3) acting on signals on the DH grid (``study.sphere``), ``(R s)(x) = s(R^-1 x)``.
+
+    A continuous group has no finite orbit: eval inputs are logged on a fixed, seeded sample
+    of ``rotations`` rotations, the identity first (so element 0 is the input itself, as
+    for the finite groups), the others Haar-uniform from a seed that depends only on their
+    number, so every model and every study with the same ``rotations`` logs the same
+    rotations. ``order`` is that number, so the workers' and the analysis' orbit axis
+    ``[.., |G|, ..]`` holds the logged rotations. Each is applied exactly by
+    ``study.sphere.rotate_signal`` (SH coefficients times Wigner D, exact for signals of
+    band limit ``< L`` on the ``2L x 2L`` grid).
+    """
+
+    rotations: int = DEFAULT_SO3_ROTATIONS
+
+    dihedral = False
+    continuous = True
+
+    @property
+    def name(self) -> str:
+        return SO3_NAME
+
+    def __str__(self) -> str:
+        return SO3_NAME
+
+    @property
+    def order(self) -> int:
+        return self.rotations
+
+    @cached_property
+    def matrices(self) -> np.ndarray:
+        """The logged rotations ``[K, 3, 3]``, identity first (read-only)."""
+        from .seeds import derive_seed
+        from .sphere import random_rotations
+
+        rest = random_rotations(self.rotations - 1, derive_seed("so3-logged-rotations", self.rotations))
+        out = np.concatenate([np.eye(3)[None], rest])
+        out.setflags(write=False)
+        return out
+
+    def acts_exactly_on_grid(self) -> bool:
+        return False
+
+    def acts_exactly_on_ring(self, m: int) -> bool:
+        return False
+
+    def rotate(self, x, R):
+        """``R x`` for DH-grid signals ``[..., 2L, 2L]`` (numpy float64, or torch: back in its dtype/device).
+
+        ``R [*b, 3, 3]`` broadcasts against ``x.shape[:-2]``.
+        """
+        from .sphere import dh_grid, rotate_signal
+
+        h, w = x.shape[-2], x.shape[-1]
+        if h != w or h % 2:
+            raise ValueError(f"group SO3 acts on DH grids [2L, 2L], got {h}x{w}")
+        if isinstance(x, np.ndarray):
+            return rotate_signal(x, R, dh_grid(h // 2))
+        import torch
+
+        out = rotate_signal(x.detach().cpu().to(torch.float64).numpy(), R, dh_grid(h // 2))
+        return torch.as_tensor(out, dtype=x.dtype, device=x.device)
+
+    def act_image(self, x, g: int):
+        return self.rotate(x, self.matrices[g])
+
+    def orbit_image(self, x):
+        """``[..., C, 2L, 2L] -> [..., K, C, 2L, 2L]``: every logged rotation of every input."""
+        R = self.matrices.reshape((1,) * (x.ndim - 3) + (self.rotations, 1, 3, 3))
+        x = x[..., None, :, :, :]
+        if isinstance(x, np.ndarray):
+            return self.rotate(np.broadcast_to(x, x.shape[:-4] + (self.rotations,) + x.shape[-3:]), R)
+        return self.rotate(x.expand(*x.shape[:-4], self.rotations, *x.shape[-3:]), R)
+
+    def orbit_ring(self, x):
+        raise ValueError("group SO3 acts on signals on the sphere (DH grids [C, 2L, 2L]), not on ring signals")
+
+
+def parse_group(name: str, rotations: int | None = None):
+    """``Group`` for ``C<n>``/``D<n>``, ``SO3Group(rotations)`` for ``SO3``."""
+    name = group_name(name)
+    if name == SO3_NAME:
+        return SO3Group(rotations or DEFAULT_SO3_ROTATIONS)
+    return Group.parse(name)

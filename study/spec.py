@@ -10,9 +10,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from .groups import Group
+from .groups import SO3_NAME, Group, group_name, parse_group
 
-Arch = Literal["mlp", "cnn", "gcnn", "group_mlp"]
+Arch = Literal["mlp", "cnn", "gcnn", "group_mlp", "so3_gcnn", "sphere_mlp"]
 Padding = Literal["circular", "zero", "valid"]
 Nonlinearity = Literal["relu", "erf", "identity"]
 Readout = Literal["gap", "flatten"]
@@ -21,11 +21,16 @@ Basis = Literal["canonical", "escnn"]
 Augmentation = Literal["none", "full_orbit", "random"]
 Loss = Literal["mse", "cross_entropy"]
 Optimizer = Literal["gd", "sgd"]
+KernelMode = Literal["grid", "relative"]
+SO3_ARCHS = ("so3_gcnn", "sphere_mlp")
 
 # Training fields and their defaults. At their defaults they are left out of the spec's dump
 # (``ModelSpec._dump``), so unit ids, resolved studies and cache keys of studies written
 # before these fields existed stay the same.
 TRAINING_DEFAULTS = {"loss": "mse", "optimizer": "gd", "batch_size": None}
+# SO(3) fields (docs/models.md, "so3_gcnn" and "sphere_mlp"): unset (None) for every other
+# model and then left out of the dump too, for the same reason.
+SO3_DEFAULTS = {"bands": None, "so3_grid": None, "kernel_mode": None, "rotations": None}
 
 
 class ModelSpec(BaseModel):
@@ -65,11 +70,26 @@ class ModelSpec(BaseModel):
     loss: Loss = "mse"
     optimizer: Optimizer = "gd"
     batch_size: Optional[int] = Field(None, ge=1, validate_default=True)
+    # SO(3) (group: SO3; docs/models.md): band limit per hidden layer of so3_gcnn (lifting,
+    # then each group convolution), the SOFT grid bandwidth B of its nonlinearities, the
+    # kernel mode of its analytic kernel (grid, the default, or relative), and for every
+    # SO3 model the number K of seeded rotations its eval inputs are logged on (default 8).
+    bands: Optional[tuple[int, ...]] = None
+    so3_grid: Optional[int] = Field(None, ge=1)
+    kernel_mode: Optional[KernelMode] = None
+    rotations: Optional[int] = Field(None, ge=1)
 
     @field_validator("group")
     @classmethod
     def _group_parses(cls, v: str) -> str:
-        return Group.parse(v).name
+        return group_name(v)
+
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, v):
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"{list(v)} must be one band limit >= 1 per hidden layer, e.g. bands: [2, 2]")
+        return v
 
     @field_validator("batch_size")
     @classmethod
@@ -83,7 +103,8 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> "ModelSpec":
-        equivariant = self.arch in ("gcnn", "group_mlp")
+        self._so3_combinations()
+        equivariant = self.arch in ("gcnn", "group_mlp", "so3_gcnn")
         if equivariant and self.augmentation != "none":
             raise ValueError(
                 f"augmentation: model {self.name} is already equivariant ({self.arch}); use augmentation: none"
@@ -98,9 +119,53 @@ class ModelSpec(BaseModel):
             )
         return self
 
+    def _so3_combinations(self) -> None:
+        so3, name = self.group == SO3_NAME, self.name
+        if so3 and self.arch not in SO3_ARCHS:
+            raise ValueError(
+                f"arch: {self.arch} acts on pixel grids and rings, not with group SO3 (model {name}); "
+                "use arch: so3_gcnn or sphere_mlp"
+            )
+        if self.arch in SO3_ARCHS and not so3:
+            raise ValueError(f"group: arch {self.arch} (model {name}) works on the sphere; set group: SO3")
+        if not so3 and self.rotations is not None:
+            raise ValueError(f"rotations: only group SO3 logs a sample of rotations; remove it from model {name}")
+        if so3 and self.augmentation == "full_orbit":
+            raise ValueError(
+                f"augmentation: full_orbit needs a finite orbit and SO3 has none (model {name}); use augmentation: random"
+            )
+        if self.arch != "so3_gcnn":
+            for f in ("bands", "so3_grid", "kernel_mode"):
+                if getattr(self, f) is not None:
+                    raise ValueError(f"{f}: only arch so3_gcnn has it; remove it from model {name}")
+            return
+        if self.bands is None:
+            raise ValueError(
+                f"bands: SO(3) GCNN {name} needs one band limit per hidden layer (depth {self.depth}); "
+                f"add e.g. bands: {[2] * self.depth}"
+            )
+        if len(self.bands) != self.depth:
+            raise ValueError(
+                f"bands: {list(self.bands)} gives {len(self.bands)} band limits but depth is {self.depth} "
+                f"(model {name}); give one per hidden layer or set depth: {len(self.bands)}"
+            )
+        if self.so3_grid is None:
+            raise ValueError(
+                f"so3_grid: SO(3) GCNN {name} needs the SOFT grid bandwidth B of its nonlinearities; "
+                f"add so3_grid: {max(self.bands) + 1} (at least max(bands) = {max(self.bands)})"
+            )
+        if self.so3_grid < max(self.bands):
+            raise ValueError(
+                f"so3_grid: {self.so3_grid} is below the largest band limit {max(self.bands)} of model {name}; "
+                f"use so3_grid >= {max(self.bands)}"
+            )
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         out = handler(self)
+        for k, default in SO3_DEFAULTS.items():
+            if k in out and out[k] == default:
+                del out[k]
         for k, default in TRAINING_DEFAULTS.items():
             if k in out and out[k] == default:
                 del out[k]
@@ -117,12 +182,19 @@ class ModelSpec(BaseModel):
         return (self.loss, self.optimizer, self.batch_size)
 
     @property
-    def group_obj(self) -> Group:
-        return Group.parse(self.group)
+    def group_obj(self):
+        """The group: a ``Group`` (``C<n>``, ``D<n>``), or for SO3 an ``SO3Group`` whose
+        ``order`` is the number of logged rotations."""
+        return parse_group(self.group, self.rotations)
 
     @property
     def equivariant(self) -> bool:
-        return self.arch in ("gcnn", "group_mlp")
+        return self.arch in ("gcnn", "group_mlp", "so3_gcnn")
+
+    @property
+    def so3(self) -> bool:
+        """Whether the model works on signals on the sphere under SO(3) (``so3_gcnn``, ``sphere_mlp``)."""
+        return self.arch in SO3_ARCHS
 
     @property
     def spatial(self) -> bool:
@@ -137,6 +209,8 @@ def check_model_input(spec: ModelSpec, shape: tuple[int, ...], n_train: Optional
     training samples) an SGD ``batch_size`` is checked against the set it samples from.
     """
     g = spec.group_obj
+    if spec.so3:
+        _check_sphere_input(spec, shape)
     if n_train is not None and spec.batch_size is not None:
         pool = n_train * (g.order if spec.augmentation == "full_orbit" else 1)
         if spec.batch_size > pool:
@@ -144,6 +218,8 @@ def check_model_input(spec: ModelSpec, shape: tuple[int, ...], n_train: Optional
             raise ValueError(
                 f"batch_size: {spec.batch_size} is larger than the {what} of model {spec.name}; use at most {pool}"
             )
+    if spec.so3:
+        return
     if len(shape) == 3:
         c, h, w = shape
         if spec.spatial and spec.kernel_size > min(h, w):
@@ -178,3 +254,37 @@ def check_model_input(spec: ModelSpec, shape: tuple[int, ...], n_train: Optional
             )
     else:
         raise ValueError(f"data: inputs must be images (C, H, W) or ring signals (C, m), got shape {shape}")
+
+
+def _check_sphere_input(spec: ModelSpec, shape: tuple[int, ...]) -> None:
+    """SO(3) models read signals on the DH grid of bandwidth ``L``: ``(C, 2L, 2L)``, ``L >=`` every band limit."""
+    if len(shape) != 3 or shape[1] != shape[2] or shape[1] % 2:
+        raise ValueError(
+            f"arch: {spec.arch} (model {spec.name}) needs signals on a DH grid (C, 2L, 2L), got shape {tuple(shape)}; "
+            "use the sources spherical_digits, sphere_noise, sphere_photos"
+        )
+    L = shape[1] // 2
+    if spec.arch == "so3_gcnn" and max(spec.bands) > L:
+        raise ValueError(
+            f"bands: band limit {max(spec.bands)} of model {spec.name} exceeds the input bandwidth L = {L} "
+            f"(a {2 * L}x{2 * L} DH grid); use band limits <= {L} or a larger L in the data source"
+        )
+
+
+def sphere_spec(spec: ModelSpec, input_shape: tuple[int, ...], n_out: int):
+    """The ``study.sphere.SO3Spec`` / ``SphereMLPSpec`` of an SO(3) model for inputs ``(C, 2L, 2L)``
+    and ``n_out`` outputs: the one definition the finite model (``workers.models``) and the
+    analytic kernel (``analysis.kernels``) both read. ``bias: false`` means ``sigma_b = 0``
+    (the bias parameters then exist with zero gradient); ``readout_sigma_w`` defaults to ``sigma_w``."""
+    from .sphere import SO3Spec, SphereMLPSpec
+
+    if not spec.so3:
+        raise ValueError(f"arch: {spec.arch} is not an SO(3) model (so3_gcnn, sphere_mlp)")
+    check_model_input(spec, tuple(input_shape))
+    c, L = int(input_shape[0]), int(input_shape[1]) // 2
+    common = dict(channels=c, L_in=L, nonlin=spec.nonlinearity, sigma_w=spec.sigma_w,
+                  sigma_b=spec.sigma_b if spec.bias else 0.0,
+                  readout_sigma_w=spec.readout_sigma_w or spec.sigma_w, outputs=int(n_out))
+    if spec.arch == "so3_gcnn":
+        return SO3Spec(bands=tuple(spec.bands), B=spec.so3_grid, **common)
+    return SphereMLPSpec(depth=spec.depth, **common)
