@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from study.store import ResultStore
+from study.store import ResultStore, atomic_path
 
 from . import compare, empirical, theory
 
@@ -59,15 +59,18 @@ def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optiona
     d.mkdir(parents=True, exist_ok=True)
     for name in TABLES:
         df = tables[name]
-        df.to_parquet(d / f"{name}.parquet", index=False)
+        with atomic_path(d / f"{name}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
         if name not in NO_CSV:
-            df.to_csv(d / f"{name}.csv", index=False)
+            with atomic_path(d / f"{name}.csv") as tmp:
+                df.to_csv(tmp, index=False)
     manifest = dict(
         units=dict(zip(units["unit_id"], units["state"])),
         seconds=dict(read=round(t1 - t0, 2), theory=round(t2 - t1, 2), compare=round(t3 - t2, 2),
                      total=round(time.perf_counter() - t0, 2)),
     )
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with atomic_path(d / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log(f"analysis: {d} ({manifest['seconds']['total']:.1f} s: read {manifest['seconds']['read']:.1f}, "
         f"theory {manifest['seconds']['theory']:.1f}, compare {manifest['seconds']['compare']:.1f})")
     return tables

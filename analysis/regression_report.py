@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from study.store import atomic_path
+
 from .regression import paired_differences, summarize
 
 _STYLE = """<style>
@@ -57,7 +59,8 @@ def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Kernel regression learning curves (mean and 95% CI over draws)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path.name
 
@@ -140,5 +143,6 @@ def write_regression_report(out: Path) -> Path:
     h.append("<h2>Paired differences in test accuracy (a - b, same draws)</h2>" + _table_html(sig))
     h.append("</body></html>")
     page = rdir / "index.html"
-    page.write_text("\n".join(h))
+    with atomic_path(page) as tmp:
+        tmp.write_text("\n".join(h))
     return page

@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats as sps  # noqa: E402
 
+from study.store import atomic_path  # noqa: E402
+
 from . import compare  # noqa: E402
 
 # A family agrees with theory when its median |z| is at most this multiple of the value
@@ -66,18 +68,21 @@ class Summary:
         self.eval_order = ["train"] + [e["name"] for e in resolved["config"]["data"]["eval"]]
         agr = tables["agreement"]
         self.agr = agr
-        self.lrs = sorted(agr["lr"].unique()) if len(agr) else []
+        # every slice with ensemble predictions, with or without an analytic prediction (agreement
+        # holds only the slices with one: models trained by SGD or on the cross-entropy have none)
+        ens = tables["invariance"]
+        self.lrs = sorted(ens["lr"].unique()) if len(ens) else []
         # Plots of one curve per model use that model's smallest lr (models may have their own lr).
-        self.model_lr = agr.groupby("model")["lr"].min().to_dict() if len(agr) else {}
+        self.model_lr = ens.groupby("model")["lr"].min().to_dict() if len(ens) else {}
         # largest width each (model, lr) reached
-        self.largest = agr.groupby(["model", "lr"])["width"].max().to_dict() if len(agr) else {}
+        self.largest = ens.groupby(["model", "lr"])["width"].max().to_dict() if len(ens) else {}
         self.arch_of = dict(zip(tables["models"]["model"], tables["models"]["arch"]))
         pts = tables["points"]
         top = pts.groupby(["model", "lr"])["width"].transform("max")
         self.top_points = pts[(pts["width"] == top) & (pts["step"] > 0)]
         self.top_points = self.top_points.assign(arch=self.top_points["model"].map(self.arch_of))
         self.errors = compare.pooled_errors(agr, ["model", "lr", "width"]) if len(agr) else agr
-        self.spread = compare.pooled_spread(tables["invariance"], ["model", "lr", "width"]) if len(agr) else agr
+        self.spread = compare.pooled_spread(ens, ["model", "lr", "width"]) if len(ens) else ens
         pairs = tables["pairs"]
         self.pairs = pairs
         self.pair_pooled = compare.pooled_gaps(pairs, ["a", "b", "kind", "lr", "eval_set", "width"]) if len(pairs) else pairs
@@ -91,6 +96,10 @@ class Summary:
         extra = [m["augmentation"]] if m["augmentation"] != "none" else []
         if m["arch"] in ("gcnn", "group_mlp"):
             extra = [f"{m['support']} support", f"{m['basis']} basis"]
+        if m.get("optimizer", "gd") != "gd":
+            extra.append(f"{m['optimizer']}, batch {m['batch_size']}")
+        if m.get("loss", "mse") != "mse":
+            extra.append(m["loss"])
         return f"{model} ({m['arch']}{', ' if extra else ''}{', '.join(extra)})"
 
     def eval_sets(self, frame: pd.DataFrame) -> list[str]:
@@ -111,7 +120,8 @@ def summary_table(s: Summary) -> pd.DataFrame:
         sp = s.spread[(s.spread["model"] == model) & (s.spread["lr"] == lr) & (s.spread["width"] == width)]
         rows.append(dict(
             model=model, arch=spec["arch"], group=spec["group"], support=spec["support"], basis=spec["basis"],
-            augmentation=spec["augmentation"], lr=lr, width=width, members=members,
+            augmentation=spec["augmentation"], loss=spec.get("loss", "mse"), optimizer=spec.get("optimizer", "gd"),
+            batch_size=spec.get("batch_size"), lr=lr, width=width, members=members,
             median_abs_z=p["z"].abs().median(), median_abs_z_null=null_med,
             frac_abs_z_lt2=(p["z"].abs() < 2)[p["z"].notna()].mean(), frac_abs_z_lt2_null=null_frac,
             median_abs_z_theory_se=p["z_theory"].abs().median(),
@@ -147,6 +157,9 @@ def verdict_agreement(s: Summary) -> str:
             f"{_pct(frac)} (expected {_pct(null_frac)}): "
             + ("consistent with theory" if ok else f"deviates from theory ({_fmt(med / null_med)} times the expected median |z|)")
         )
+    if not parts:
+        return ("No model has an analytic prediction (a model trained by SGD or on the cross-entropy has none), so "
+                "nothing is compared with theory.")
     return ("At the largest width, over all logged steps after initialisation and all eval sets, "
             + "; ".join(parts) + f". (Consistent means median |z| at most {Z_AGREE_FACTOR} times the expected value.)")
 
@@ -157,6 +170,9 @@ def verdict_width(s: Summary, summary: pd.DataFrame) -> str:
     parts, falling, floor_all, n = [], 0, 0, 0
     for _, r in summary.iterrows():
         e = s.errors[(s.errors["model"] == r["model"]) & (s.errors["lr"] == r["lr"])].sort_values("width")
+        if not len(e):
+            parts.append(f"{r['model']}: no analytic prediction, no error")
+            continue
         if len(e) < 2:
             parts.append(f"{r['model']}: one width only, no slope")
             continue
@@ -181,12 +197,12 @@ def verdict_theorem(s: Summary) -> str:
     aug = s.pair_pooled[s.pair_pooled["kind"] == "augmentation"] if len(s.pair_pooled) else s.pair_pooled
     if not len(aug):
         return "The study has no augmented model with a GCNN counterpart of the same group and width; the theorem is not tested."
-    groups = {True: [], False: []}  # analytic means equal (the theorem applies) or not
-    counts = {True: [0, 0], False: [0, 0]}
+    groups = {True: [], False: [], None: []}  # analytic means equal (the theorem applies), not, or no theory
+    counts = {True: [0, 0], False: [0, 0], None: [0, 0]}
     for (a, b, lr), g in aug.groupby(["a", "b", "lr"], sort=False):
         wmax = g["width"].max()
         top = g[g["width"] == wmax].set_index("eval_set")
-        equal = bool(top["theory_rel_gap"].max() < THEOREM_RTOL)
+        equal = None if top["theory_rel_gap"].isna().all() else bool(top["theory_rel_gap"].max() < THEOREM_RTOL)
         sets = [e for e in s.eval_order if e in top.index]
         within = [e for e in sets if top.loc[e, "gap_se"] <= GAP_SE_LIMIT]
         counts[equal][0] += len(within)
@@ -212,12 +228,17 @@ def verdict_theorem(s: Summary) -> str:
         text += (f"Where the analytic means agree (relative difference below {THEOREM_RTOL:g}, so the theorem applies), the "
                  f"measured gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} (pair, eval set) cases: "
                  + "; ".join(groups[True]) + ". ")
-    else:
+    elif groups[False]:
         text += "No pair has equal analytic means, so the theorem's hypothesis holds for none of them. "
     if groups[False]:
         h, n = counts[False]
         text += (f"Where the analytic means differ (a GCNN with another filter prior, or a CNN whose NTK is not jointly "
-                 f"invariant), the gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} cases: " + "; ".join(groups[False]) + ".")
+                 f"invariant), the gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} cases: " + "; ".join(groups[False]) + ". ")
+    if groups[None]:
+        h, n = counts[None]
+        text += (f"Pairs trained without an analytic counterpart (SGD or cross-entropy, both models alike; the theorem is "
+                 f"proved for full-batch GD on the MSE): the gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} cases: "
+                 + "; ".join(groups[None]) + ".")
     return text
 
 
@@ -270,6 +291,10 @@ def verdict_escnn(s: Summary) -> str:
         for (a, b, lr), g in frame.groupby(["a", "b", "lr"], sort=False):
             top = g.loc[g["width"].idxmax()]
             resolved = top["gap_se"] > RESOLVE_SE
+            if not np.isfinite(top["theory_gap_se"]):  # no analytic prediction (SGD or cross-entropy)
+                parts.append(f"{label}: {a} vs {b}: no analytic prediction; measured gap {_fmt(top['gap_se'])} SE at width "
+                             f"{top['width']}, " + ("resolved" if resolved else "not resolved"))
+                continue
             resolvable = top["theory_gap_se"] > RESOLVE_SE
             parts.append(
                 f"{label}: {a} vs {b}: analytic relative difference of the means {_fmt(top['theory_rel_gap'])} "
@@ -329,7 +354,8 @@ def plot_trajectories(s: Summary, path: Path) -> Optional[str]:
     axes.flat[0].set_ylabel(f"f(x), output {output}")
     fig.suptitle(f"Ensemble mean against theory: {ev} sample 0, identity orbit point", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return (f"Ensemble mean (band: ± 2 standard errors of the ensemble) against the analytic mean (dashed; dotted: "
             f"± 2 analytic SE) over training time, for {ev} sample 0, output {output}, at each model's largest width.")
@@ -364,7 +390,8 @@ def plot_error_vs_width(s: Summary, path: Path) -> Optional[str]:
         ax.legend(fontsize=6)
     axes[0].set_ylabel("||mean - mu|| / ||mu||, steps > 0")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return ("Relative error of the ensemble mean against width, pooled over the logged steps after initialisation, "
             "with the fitted log-log slope; dotted: the part the finite ensemble alone explains (RMS SE / RMS mu).")
@@ -388,7 +415,8 @@ def plot_gap_vs_width(s: Summary, path: Path) -> Optional[str]:
         ax.legend(fontsize=6)
     axes[0].set_ylabel("gap / combined SE, steps > 0")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return (f"Gap between the ensemble means of each pair (augmented vs GCNN; GCNN vs GCNN) in units of the combined "
             f"standard error, pooled over steps after initialisation, against width; crosses: the analytic gap in the same "
@@ -411,7 +439,8 @@ def plot_gap_vs_time(s: Summary, path: Path) -> Optional[str]:
         ax.legend(fontsize=6)
     axes[0].set_ylabel("gap / combined SE")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return "Gap between the ensemble means of each pair, in combined SE, over training time at the largest common width."
 
@@ -433,7 +462,8 @@ def plot_orbit_spread(s: Summary, path: Path) -> Optional[str]:
         ax.legend(fontsize=6)
     axes[0].set_ylabel("RMS orbit deviation / RMS mean")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return ("Orbit spread of each ensemble's mean against width, pooled over steps after initialisation (floored at "
             "1e-12 for display); dotted: the spread independent errors of one SE would give.")
@@ -455,7 +485,8 @@ def plot_z_scores(s: Summary, path: Path) -> Optional[str]:
         ax.set_xlabel("(mean - mu) / SE   (clipped to ±8)")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return ("Distribution of z = (ensemble mean - analytic mean) / ensemble SE at each model's largest width, all points "
             "after initialisation, by architecture family, against the Student t expected without finite-width bias.")
@@ -477,7 +508,8 @@ def plot_variance_ratio(s: Summary, path: Path) -> Optional[str]:
         _time_axis(ax, s.lrs[0])
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return ("Mean ensemble variance over mean analytic variance per eval set over training time, at each model's largest "
             "width (THEORY section 6: augmented and GCNN ensembles share their mean, not their spread).")
@@ -510,7 +542,8 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
         (rdir / f"{name}.png").unlink(missing_ok=True)
     s = Summary(tables, resolved)
     summary = summary_table(s)
-    summary.to_csv(rdir / "summary.csv", index=False)
+    with atomic_path(rdir / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
 
     figures = []
     makers = dict(trajectories=plot_trajectories, error_vs_width=plot_error_vs_width, gap_vs_width=plot_gap_vs_width,
@@ -596,5 +629,6 @@ resolved if gap &gt; {RESOLVE_SE:g} SE; noise floor if rel_err &le; {NOISE_FLOOR
 </ul></div>""")
     h.append("</body></html>")
     page = rdir / "index.html"
-    page.write_text("\n".join(h))
+    with atomic_path(page) as tmp:
+        tmp.write_text("\n".join(h))
     return page

@@ -160,11 +160,8 @@ def _analyze(out: Path, report: bool) -> None:
         if report:
             regression.report(out)
         return
-    try:
-        from analysis import pipeline
-    except ImportError:
-        print("analysis: not available in this installation")
-        return
+    from analysis import pipeline  # part of the package: an import error here is a bug to see, not to hide
+
     pipeline.analyze(out)
     if report:
         pipeline.report(out)

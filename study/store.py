@@ -18,6 +18,7 @@ duplicates one. docs/results.md documents the columns (``PART_SCHEMA`` below).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -155,6 +156,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike | str):
+    """A temp path beside ``path`` to write to; renamed onto ``path`` when the block succeeds,
+    removed when it fails, so readers see the whole file or none. The temp name keeps the
+    suffix, so writers that infer the format from it (``savefig``) still do."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ResultStore:

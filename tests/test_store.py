@@ -7,7 +7,7 @@ import pytest
 from study.config import StudyError
 from study.grid import UnitSpec
 from study.spec import ModelSpec
-from study.store import PART_SCHEMA, PartWriter, ResultStore, part_bytes_metadata, read_predictions
+from study.store import PART_SCHEMA, PartWriter, ResultStore, atomic_path, part_bytes_metadata, read_predictions
 
 
 def unit(start=0, stop=3, members=False, uid="u0"):
@@ -84,3 +84,17 @@ def test_lock_refuses_second_driver(tmp_path):
     a.unlock()
     b.lock()
     b.unlock()
+
+
+def test_atomic_path_whole_file_or_none(tmp_path):
+    """Analysis and report files: a writer that fails midway leaves neither a half file nor its temp."""
+    target = tmp_path / "out" / "table.csv"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.suffix == ".csv" and tmp.parent == target.parent
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(target.parent.iterdir()) == []
+    with atomic_path(target) as tmp:
+        pd.DataFrame({"a": [1]}).to_csv(tmp, index=False)
+    assert target.read_text() == "a\n1\n" and list(target.parent.iterdir()) == [target]
