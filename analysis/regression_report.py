@@ -14,7 +14,7 @@ import pandas as pd
 
 from study.store import atomic_path
 
-from .regression import paired_differences, summarize
+from .regression import is_regression_table, paired_differences, summarize
 
 _STYLE = """<style>
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -31,29 +31,41 @@ def _fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
+# (column, axis label) of the two rows of learning-curve panels
+_PLOTTED = {False: (("test_accuracy", "test accuracy"), ("test_mse", "test MSE")),
+            True: (("test_mae", "test MAE (eV)"), ("test_rmse", "test RMSE (eV)"))}
+
+
 def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    regression = "test_mae" in summary.columns
+    plotted = _PLOTTED[regression]
     panels = list(dict.fromkeys(zip(summary.kernel, summary.time)))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False)
     for j, (k, t) in enumerate(panels):
         sub = summary[(summary.kernel == k) & (summary.time == t)]
         for model, g in sub.groupby("model", sort=False):
             g = g.sort_values("size")
-            for i, m in enumerate(("test_accuracy", "test_mse")):
+            for i, (m, _) in enumerate(plotted):
                 ax = axes[i, j]
                 line, = ax.plot(g["size"], g[m], marker="o", ms=3, label=model)
                 ax.fill_between(g["size"], g[f"{m}_lo"], g[f"{m}_hi"], color=line.get_color(), alpha=0.2)
-        for i, m in enumerate(("test accuracy", "test MSE")):
+        if regression and "baseline_mae" in sub.columns:
+            # the baseline is fitted on the same draws for every model: show it once
+            g = sub[sub.model == sub.model.iloc[0]].sort_values("size")
+            for i, m in enumerate(("baseline_mae", "baseline_rmse")):
+                axes[i, j].plot(g["size"], g[m], ls="--", color="0.5", label="baseline alone")
+        for i, (_, label) in enumerate(plotted):
             ax = axes[i, j]
             ax.set_xscale("log")
-            if i == 1:
+            if i == 1 or regression:
                 ax.set_yscale("log")
             ax.set_xlabel("training-set size")
-            ax.set_ylabel(m)
+            ax.set_ylabel(label)
             ax.set_title(f"{k.upper()}, t = {_t(t)}")
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
@@ -99,6 +111,57 @@ def verdicts(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[tuple[str, str]
     return out
 
 
+def regression_verdicts(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[tuple[str, str]]:
+    """For regression targets: the lowest test MAE at each size with the paired difference
+    to the runner-up (eV, 95% CI over draws), and a tally per pair of models."""
+    out = []
+    for (k, t), sub in summary.groupby(["kernel", "time"], sort=False):
+        parts = []
+        for size, g in sub.groupby("size"):
+            g = g.sort_values("test_mae")
+            best = g.iloc[0]
+            text = f"n = {size}: {best.model} {best.test_mae:.3f} eV"
+            if len(g) > 1:
+                second = g.iloc[1]
+                text += f" vs {second.model} {second.test_mae:.3f} eV"
+                pr = pairs[(pairs.metric == "test_mae") & (pairs.time == t) & (pairs["size"] == size)
+                           & (pairs.a_kernel == k) & (pairs.b_kernel == k)
+                           & (pairs.a_model == best.model) & (pairs.b_model == second.model)]
+                sign = 1.0
+                if not len(pr):  # the pair is stored the other way round
+                    pr = pairs[(pairs.metric == "test_mae") & (pairs.time == t) & (pairs["size"] == size)
+                               & (pairs.a_kernel == k) & (pairs.b_kernel == k)
+                               & (pairs.a_model == second.model) & (pairs.b_model == best.model)]
+                    sign = -1.0
+                if len(pr):
+                    r = pr.iloc[0]
+                    lo, hi = sorted((sign * r.ci_lo, sign * r.ci_hi))
+                    text += (f", difference {sign * r.mean_diff:+.3f} eV [{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
+                             + (" (paired 95% CI excludes 0)" if r.significant else " (not significant)"))
+            if "baseline_mae" in g.columns:
+                text += f"; baseline alone {best.baseline_mae:.3f} eV"
+            parts.append(text)
+        out.append((f"{k.upper()} regression, t = {_t(t)}: lowest test MAE at each size", "; ".join(parts) + "."))
+    mp = pairs[(pairs.metric == "test_mae") & (pairs.a_kernel == pairs.b_kernel) & (pairs.a_model != pairs.b_model)]
+    if len(mp):
+        parts = []
+        for (a, b, k, t), g in mp.groupby(["a_model", "b_model", "a_kernel", "time"], sort=False):
+            lower = (g.significant & (g.mean_diff < 0)).sum()
+            higher = (g.significant & (g.mean_diff > 0)).sum()
+            parts.append(f"{a} - {b} ({k.upper()}, t = {_t(t)}): {a} significantly lower MAE at {lower}, "
+                         f"higher at {higher} of {len(g)} sizes")
+        out.append(("Pairs of models (paired test-MAE differences on the same draws)", "; ".join(parts) + "."))
+    kp = pairs[(pairs.metric == "test_mae") & (pairs.a_model == pairs.b_model)]
+    if len(kp):
+        parts = []
+        for (m, t), g in kp.groupby(["a_model", "time"], sort=False):
+            better = (g.significant & (g.mean_diff < 0)).sum()
+            worse = (g.significant & (g.mean_diff > 0)).sum()
+            parts.append(f"{m} (t = {_t(t)}): NTK better at {better}, NNGP better at {worse} of {len(g)} sizes")
+        out.append(("NTK against NNGP (paired, significant MAE differences)", "; ".join(parts) + "."))
+    return out
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return "<div class='scroll'>" + df.to_html(index=False, border=0, na_rep="n/a",
                                                float_format=lambda x: _fmt(x, 4)) + "</div>"
@@ -119,12 +182,14 @@ def write_regression_report(out: Path) -> Path:
         m = json.loads(meta.read_text())
         if m["model"] in set(table.model):
             seconds.append(f"{m['model']} {m['seconds']:.0f} s")
+    regression = is_regression_table(table)
+    main_metric = "test_mae" if regression else "test_accuracy"
     shown = summary.copy()
     shown["time"] = shown["time"].map(_t)
-    for m in ("test_accuracy", "test_mse"):
+    for m in [c for c in shown.columns if f"{c}_lo" in shown.columns]:
         shown[m] = [f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in zip(shown[m], shown[f"{m}_lo"], shown[f"{m}_hi"])]
         shown = shown.drop(columns=[f"{m}_lo", f"{m}_hi"])
-    sig = pairs[pairs.metric == "test_accuracy"].copy()
+    sig = pairs[pairs.metric == main_metric].copy()
     sig["time"] = sig["time"].map(_t)
     r = cfg["regression"]
     h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>eqntk kernel regression: {html.escape(cfg['name'])}</title>",
@@ -135,12 +200,19 @@ def write_regression_report(out: Path) -> Path:
          f"times {html.escape(str(r['times']))}; diag_reg {r['diag_reg']:g} (relative to the mean diagonal); "
          f"kernel time: {html.escape(', '.join(seconds) or 'n/a')}.</p>"]
     h.append("<h2>Verdicts</h2>")
-    for q, text in verdicts(summary, pairs):
+    for q, text in (regression_verdicts if regression else verdicts)(summary, pairs):
         h.append(f"<div class='verdict'><b>{html.escape(q)}</b><p>{html.escape(text)}</p></div>")
-    h.append(f"<figure><img src='{fig}' alt='learning curves'><figcaption>Test accuracy and MSE against the "
-             "training-set size; bands are 95% confidence intervals over draws.</figcaption></figure>")
+    what = ("Test MAE and RMSE (eV) against the training-set size; the dashed line is the baseline alone"
+            if regression else "Test accuracy and MSE against the training-set size")
+    h.append(f"<figure><img src='{fig}' alt='learning curves'><figcaption>{what}; bands are 95% confidence "
+             "intervals over draws.</figcaption></figure>")
+    if regression:
+        h.append(f"<p>Targets: energies in eV; baseline {html.escape(str(r.get('baseline') or 'per_element'))}, fitted on "
+                 "each draw's training molecules, the kernel regresses what it leaves. Molecule kernels are per-atom "
+                 "kernels summed over both molecules' atoms.</p>")
     h.append("<h2>Learning curves (mean [95% CI] over draws)</h2>" + _table_html(shown))
-    h.append("<h2>Paired differences in test accuracy (a - b, same draws)</h2>" + _table_html(sig))
+    label = "test MAE, eV" if regression else "test accuracy"
+    h.append(f"<h2>Paired differences in {label} (a - b, same draws)</h2>" + _table_html(sig))
     h.append("</body></html>")
     page = rdir / "index.html"
     with atomic_path(page) as tmp:

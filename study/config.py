@@ -119,6 +119,42 @@ class SpherePhotoSource(_Strict):
     L: Optional[int] = Field(None, ge=1)
 
 
+class MoleculesSource(_Strict):
+    """Molecules with atomisation energies (eV; ``study.molecules``, docs/molecules.md), each
+    atom's environment a multi-channel signal on the DH grid of bandwidth ``L``. Kernel-regression
+    studies only (``data.train`` and ``regression.test``). ``set``: ``builtin`` (the PySCF
+    conformer set made and cached on this machine; ``n_conformers``, ``method``), ``qm9`` (the
+    release at ``path``; ``limit`` reads the first molecules in gdb order) or ``npz`` (a saved
+    ``MoleculeSet`` at ``path``). The set is taken in a fixed seeded order; ``start`` skips
+    into it and ``n`` keeps that many (default: the rest)."""
+
+    source: Literal["molecules"]
+    set: Literal["builtin", "qm9", "npz"] = "builtin"
+    path: Optional[str] = None
+    n: Optional[int] = Field(None, gt=0)
+    start: int = Field(0, ge=0)
+    L: int = Field(4, ge=1)
+    radius: float = Field(0.5, gt=0)
+    n_conformers: int = Field(16, gt=0)
+    method: str = "HF/6-31G"
+    limit: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_of_set(self) -> "MoleculesSource":
+        # compared with the defaults, not with the fields given: a resolved study (study.json) gives all
+        defaults = {f: type(self).model_fields[f].default for f in ("n_conformers", "method")}
+        if self.set == "builtin" and self.path is not None:
+            raise ValueError("path: set builtin is made on this machine and reads no file; remove path or use set: qm9 | npz")
+        if self.set != "builtin" and self.path is None:
+            raise ValueError(f"path: set {self.set} reads a file; add path: <file> (relative to the study file)")
+        for f, default in defaults.items():
+            if self.set != "builtin" and getattr(self, f) != default:
+                raise ValueError(f"{f}: only set builtin has it; remove it")
+        if self.set != "qm9" and self.limit is not None:
+            raise ValueError("limit: only set qm9 has it; remove it")
+        return self
+
+
 # Sources of signals on the sphere (DH grids); SO3 models train on the first.
 SPHERE_TRAIN_SOURCES = ("spherical_digits",)
 SPHERE_SOURCES = ("spherical_digits", "sphere_noise", "sphere_photos")
@@ -126,7 +162,7 @@ UNLABELLED_SOURCES = ("gaussian", "sample_images", "sphere_noise", "sphere_photo
 
 Source = Annotated[
     Union[DigitsSource, RotatedDigitsSource, NpzSource, GaussianSource, PhotoPatchSource, RingSource,
-          SphericalDigitsSource, SphereNoiseSource, SpherePhotoSource],
+          SphericalDigitsSource, SphereNoiseSource, SpherePhotoSource, MoleculesSource],
     Field(discriminator="source"),
 ]
 
@@ -208,6 +244,9 @@ class RegressionConfig(_Strict):
     times: list[Union[Literal["inf"], float]] = Field(default_factory=lambda: ["inf"], min_length=1)
     diag_reg: float = Field(1e-4, ge=0)
     block_size: int = Field(100, ge=1)
+    # Molecules only: a baseline fitted on each draw's training subset, the kernel regresses
+    # the rest: per_element (energy linear in the element counts; the default), mean, none.
+    baseline: Optional[Literal["per_element", "mean", "none"]] = None
 
     @field_validator("test")
     @classmethod
@@ -248,6 +287,9 @@ class RegressionConfig(_Strict):
         import numpy as np
 
         return sorted({int(round(s)) for s in np.geomspace(self.sizes.min, self.sizes.max, self.sizes.count)})
+
+    def resolved_baseline(self, molecular: bool) -> Optional[str]:
+        return (self.baseline or "per_element") if molecular else None
 
     @property
     def resolved_times(self) -> list[float]:
@@ -383,7 +425,31 @@ class StudyConfig(_Strict):
         if dup:
             raise ValueError(f"model names must be unique, repeated: {sorted(dup)}")
         self._check_so3(specs)
+        self._check_molecules()
         return self
+
+    def _check_molecules(self) -> None:
+        """``source: molecules`` (energies, per-atom models) only as the pool and test set of a kernel-regression study."""
+        for e in self.data.eval:
+            if e.data.source == "molecules":
+                raise ValueError(f"data.eval.{e.name}: source molecules is only for kind: kernel_regression (data.train, regression.test)")
+        mol_train = self.data.train.source == "molecules"
+        if self.kind != "kernel_regression":
+            if mol_train:
+                raise ValueError("data.train: source molecules is only for kind: kernel_regression; set kind: kernel_regression")
+            return
+        if mol_train != (self.regression.test.source == "molecules"):
+            raise ValueError(
+                f"regression.test: source {self.regression.test.source} does not match data.train "
+                f"({self.data.train.source}); use source molecules for both or for neither"
+            )
+        if mol_train:
+            for f in ("normalize", "targets"):
+                if getattr(self.data, f) != type(self.data).model_fields[f].default:
+                    raise ValueError(f"data.{f}: not used with source molecules (channels are standardised "
+                                     "by the pool's atoms, targets are energies); remove it")
+        elif self.regression.baseline is not None:
+            raise ValueError("regression.baseline: only for source molecules (energies); remove it")
 
     def _check_so3(self, specs: list[ModelSpec]) -> None:
         """SO3 models need signals on the sphere; ``rotations`` needs SO3 models."""
