@@ -50,9 +50,10 @@ from .kernel_ops import TorusCorrelation, axis_maps, diagonal_shift_sum, out_siz
 __all__ = ["Pairs", "Meta", "build_rules", "var_of"]
 
 # A basis covariance counts as right invariant when it is so up to this relative error
-# (round-off of the covariance sum). escnn's float32 samples are exactly right invariant
-# for C1..D4 (the group permutes them); for other n their rounding breaks it at ~1e-8,
-# and the kernel then takes the full route, exact for the model as sampled.
+# (round-off of the covariance sum). escnn's bases, symmetrised in float64 by
+# workers.bases, are right invariant for C1..D4 (the group permutes the grid); for other n
+# escnn's float32 sampling breaks it at ~1e-8, and the kernel then takes the full route,
+# exact for the model as sampled.
 _RIGHT_INV_RTOL = 1e-12
 
 

@@ -10,7 +10,9 @@ independent ``theta[o, c, :]`` per (output field, input field) pair, and compute
   (``F[g, h, delta'] = W[g^-1 h, R_g^-1 delta']``). Scale 1. Built from ``study.groups``
   permutations, so only groups that act exactly on the grid are allowed.
 - ``escnn``: escnn's own sampled basis ``B_j`` (``R2Conv``'s default, or ``nn.Linear`` on
-  ``no_base_space``), read out of escnn by expanding unit coefficient vectors, times the
+  ``no_base_space``), read out of escnn by expanding unit coefficient vectors, projected
+  onto exactly equivariant filters in float64 where the group permutes the grid (escnn
+  samples in float32; ``_symmetrised``), times the
   scale ``s`` with ``s^2 = out * in * k^2 / sum_j ||B_j||^2`` (mean prior variance of a
   filter entry 1, as for the canonical full-support layer).
 
@@ -249,6 +251,7 @@ def _escnn(group: Group, layer: str, k: int, perm: np.ndarray | None) -> BlockBa
         natural = np.empty_like(raw)
         natural[:, :, order] = raw  # back from orbit order to input positions
         raw = natural
+    raw = _symmetrised(raw, group, layer, k, perm)
     taps = k * k if layer in ("lift", "gconv") else 1
     scale = float(np.sqrt(G * in_size * taps / np.sum(raw**2)))
     return BlockBasis(
@@ -263,6 +266,39 @@ def _escnn(group: Group, layer: str, k: int, perm: np.ndarray | None) -> BlockBa
         scale=scale,
         index=None,
     )
+
+
+def _symmetrised(raw: np.ndarray, group: Group, layer: str, k: int, perm: np.ndarray | None) -> np.ndarray:
+    """escnn's float32 samples projected onto the equivariant filters, in float64.
+
+    Every element of an equivariant basis is itself an equivariant filter: it is fixed by
+    ``(T_r F)[g, h, q] = F[r g, r h, taps[r]^-1 q]`` (``gconv``; ``lift`` has no ``h``, and
+    ``glift`` / ``gdense`` use the input permutation / no taps), which follows from
+    ``F[g, h] = L_g W[g^-1 h]`` and ``L_rg = L_r L_g``. escnn's samples satisfy this only to
+    float32 rounding (~1e-7 relative); their group average ``(1/|G|) sum_r T_r F`` satisfies it to
+    float64 rounding, so float64 models and kernels are equivariant to ~1e-16 too. Groups that
+    do not permute the grid (C8 on images) have no such exact action; their samples are kept.
+    """
+    if layer in ("lift", "gconv") and not group.acts_exactly_on_grid():
+        return raw
+    G, mul = group.order, group.mul
+    D = raw.shape[0]
+    if layer in ("lift", "gconv"):
+        moves = np.argsort(group.image_permutations(k, k), axis=1)  # taps[r]^-1
+        flat = raw.reshape(D, G, raw.shape[2], k * k)
+    elif layer == "glift":
+        moves = np.argsort(perm, axis=1)
+        flat = raw[:, :, None, :]  # one input "field" whose entries the group permutes
+    else:  # gdense: regular in, no taps
+        moves = np.zeros((G, 1), dtype=np.int64)
+        flat = raw[..., None]
+    total = np.zeros_like(flat)
+    for r in range(G):
+        moved = flat[:, mul[r]]
+        if layer in ("gconv", "gdense"):
+            moved = moved[:, :, mul[r]]
+        total += moved[..., moves[r]]
+    return (total / G).reshape(raw.shape)
 
 
 def _check_action(group: Group, perm: np.ndarray) -> None:

@@ -73,8 +73,7 @@ class FilterExpansion(nn.Module):
         super().__init__()
         self.dim = basis.dim
         self.order = basis.out_size
-        # buffers hold the unscaled basis (escnn's float32 samples are then exact in float32
-        # and in float64); the scale s multiplies the expanded filter
+        # buffers hold the unscaled basis; the scale s multiplies the expanded filter
         self.scale = float(basis.scale)
         self.gather = basis.index is not None  # canonical: every entry is one coefficient or zero
         if self.gather:
@@ -82,8 +81,9 @@ class FilterExpansion(nn.Module):
             index = torch.where(index < 0, self.dim, index)  # zero entries read the padded zero
             self.register_buffer("index", index, persistent=False)
         else:
-            # float32 holds escnn's float32 samples exactly; .to(dtype) widens them for float64 models
-            dense = torch.as_tensor(basis.tensor / basis.scale, dtype=torch.float32).reshape(self.dim, -1)
+            # float64, so a float64 model keeps the symmetrised basis (workers.bases._symmetrised)
+            # exact; module.to(float32) rounds it for float32 models
+            dense = torch.as_tensor(basis.tensor / basis.scale, dtype=torch.float64).reshape(self.dim, -1)
             self.register_buffer("dense", dense, persistent=False)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
