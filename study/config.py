@@ -126,7 +126,9 @@ class MoleculesSource(_Strict):
     conformer set made and cached on this machine; ``n_conformers``, ``method``), ``qm9`` (the
     release at ``path``; ``limit`` reads the first molecules in gdb order) or ``npz`` (a saved
     ``MoleculeSet`` at ``path``). The set is taken in a fixed seeded order; ``start`` skips
-    into it and ``n`` keeps that many (default: the rest)."""
+    into it and ``n`` keeps that many (default: the rest). ``oversample``: environments are
+    sampled on the DH grid of bandwidth ``oversample * L`` and projected onto degrees ``< L``
+    (then rotations act exactly on them); 1 samples them directly on the ``L`` grid (aliased)."""
 
     source: Literal["molecules"]
     set: Literal["builtin", "qm9", "npz"] = "builtin"
@@ -135,6 +137,7 @@ class MoleculesSource(_Strict):
     start: int = Field(0, ge=0)
     L: int = Field(4, ge=1)
     radius: float = Field(0.5, gt=0)
+    oversample: int = Field(4, ge=1)
     n_conformers: int = Field(16, gt=0)
     method: str = "HF/6-31G"
     limit: Optional[int] = Field(None, gt=0)
