@@ -5,7 +5,10 @@ Each part row carries ``count``, ``sum`` and ``sumsq`` of its members' predictio
 (model, width, lr) ensemble aggregate exactly over its units (docs/results.md):
 
     M = sum(count),  mean = sum(sum) / M,  var = (sum(sumsq) - sum(sum)^2 / M) / (M - 1),
-    se = sqrt(var / M)
+    se = sqrt(var / M),  orbit_devsq = sum(orbit_devsq) / M
+
+(``orbit_devsq``: members' mean squared deviation from their own orbit average; NaN for
+parts written before the column existed.)
 
 Units whose record says ``diverged`` are excluded as a whole: their part stops at the step
 where they blew up, so keeping their early steps would make the ensemble differ from step to
@@ -29,6 +32,7 @@ from study.store import ResultStore, read_predictions
 # One ensemble statistic per row of these keys.
 POINT_KEYS = ["model", "width", "lr", "step", "eval_set", "sample", "group_element", "output"]
 _COLUMNS = POINT_KEYS + ["unit_id", "count", "sum", "sumsq"]
+_OPTIONAL = ["orbit_devsq"]
 
 
 def study_config(out: Path) -> StudyConfig:
@@ -71,8 +75,9 @@ def ensemble_stats(out: Path, exclude_units: list[str] | tuple = ()) -> pd.DataF
     flt = None
     if len(exclude_units):
         flt = ~pc.is_in(ds.field("unit_id"), value_set=pa.array(list(exclude_units), pa.string()))
-    table = read_predictions(out, columns=_COLUMNS, filter=flt)
-    agg = table.group_by(POINT_KEYS).aggregate([("count", "sum"), ("sum", "sum"), ("sumsq", "sum")])
+    table = read_predictions(out, columns=_COLUMNS, filter=flt, optional=_OPTIONAL)
+    optional = [c for c in _OPTIONAL if c in table.column_names]
+    agg = table.group_by(POINT_KEYS).aggregate([(c, "sum") for c in ["count", "sum", "sumsq"] + optional])
     df = agg.to_pandas()
     df["model"] = df["model"].astype(str)
     df["eval_set"] = df["eval_set"].astype(str)
@@ -87,7 +92,9 @@ def ensemble_stats(out: Path, exclude_units: list[str] | tuple = ()) -> pd.DataF
         dev2 = np.maximum(ss - s * mean, 0.0)
         var = np.where(m > 1, dev2 / (m - 1), np.nan)
         se = np.sqrt(var / m)
+    devsq = df.pop("orbit_devsq_sum").to_numpy() / m if optional else np.full(len(df), np.nan)
     df["members"] = m.astype(np.int64)
+    df["orbit_devsq"] = devsq
     df["mean"], df["var"], df["se"] = mean, var, se
     df["time"] = df["lr"] * df["step"]
     return df.sort_values(POINT_KEYS, kind="stable").reset_index(drop=True)
@@ -106,5 +113,5 @@ def _empty_stats() -> pd.DataFrame:
     """No finished unit: the columns of ``ensemble_stats`` with their types, and no rows."""
     types = dict(model=str, width=np.int64, lr=np.float64, step=np.int64, eval_set=str, sample=np.int64,
                  group_element=np.int64, output=np.int64, members=np.int64, mean=np.float64, var=np.float64,
-                 se=np.float64, time=np.float64)
+                 se=np.float64, orbit_devsq=np.float64, time=np.float64)
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in types.items()})

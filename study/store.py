@@ -58,6 +58,10 @@ PART_SCHEMA = pa.schema(
         ("count", pa.int32()),
         ("sum", pa.float64()),
         ("sumsq", pa.float64()),
+        # sum over members of (prediction - that member's own mean over the orbit)^2: gives
+        # the ensemble's noise in the orbit spread of its mean, correlations across the orbit
+        # included (analysis.compare.orbit_spread)
+        ("orbit_devsq", pa.float64()),
     ]
 )
 MEMBER_FIELDS = [("member", pa.int32()), ("prediction", pa.float64())]
@@ -93,18 +97,21 @@ class PartWriter:
         if m != u.members:
             raise ValueError(f"expected predictions of {u.members} members, got {m}")
         sample, elem, out = (a.reshape(-1) for a in np.meshgrid(np.arange(n), np.arange(g), np.arange(k), indexing="ij"))
+        devsq = (preds - preds.mean(axis=2, keepdims=True)) ** 2  # each member against its own orbit mean
         rows = n * g * k
         if u.store_members:
             member = np.repeat(np.arange(u.member_start, u.member_stop), rows)
             sample, elem, out = (np.tile(a, m) for a in (sample, elem, out))
             values = preds.reshape(-1)
-            cols = dict(count=np.ones(m * rows, np.int32), sum=values, sumsq=values**2, member=member, prediction=values)
+            cols = dict(count=np.ones(m * rows, np.int32), sum=values, sumsq=values**2, orbit_devsq=devsq.reshape(-1),
+                        member=member, prediction=values)
             rows *= m
         else:
             cols = dict(
                 count=np.full(rows, m, np.int32),
                 sum=preds.sum(axis=0).reshape(-1),
                 sumsq=(preds**2).sum(axis=0).reshape(-1),
+                orbit_devsq=devsq.sum(axis=0).reshape(-1),
             )
         const = dict(
             unit_id=u.unit_id,
@@ -287,10 +294,13 @@ def versions() -> dict:
     return out
 
 
-def read_predictions(root: os.PathLike | str, columns: Optional[list[str]] = None, filter=None):
+def read_predictions(root: os.PathLike | str, columns: Optional[list[str]] = None, filter=None,
+                     optional: Iterable[str] = ()):
     """The whole predictions dataset as a pyarrow Table (hive partitions as columns).
 
-    A corrupt part raises StudyError naming the file and how to regenerate it.
+    ``optional`` columns are added to ``columns`` when every part has them (parts written by
+    an older eqntk may lack a newer column). A corrupt part raises StudyError naming the file
+    and how to regenerate it.
     """
     import pyarrow.dataset as ds
 
@@ -299,14 +309,17 @@ def read_predictions(root: os.PathLike | str, columns: Optional[list[str]] = Non
     if not base.is_dir():
         raise StudyError(f"{root}: no predictions found; run `eqntk run --out {root}` first")
     parts = sorted(base.rglob("part-*.parquet"))
+    optional = set(optional)
     for p in parts:
         try:
-            pq.read_metadata(p)
+            optional &= set(pq.read_schema(p).names)
         except Exception:
             raise StudyError(
                 f"{p} is truncated or corrupt; delete it and run `eqntk run --out {root}` again to regenerate that unit"
             ) from None
     dataset = ds.dataset(base, format="parquet", partitioning="hive")
+    if columns is not None and optional and parts:
+        columns = list(columns) + sorted(optional)
     try:
         return dataset.to_table(columns=columns, filter=filter)
     except (OSError, pa.ArrowInvalid) as e:

@@ -261,8 +261,11 @@ def test_orbit_spread(analysed):
     s = read(analysed, "invariance")
     s = s[s["step"] > 0]
     assert s.loc[s["model"].str.startswith("group_mlp"), "spread"].max() < 1e-12
+    # every group-MLP member is itself invariant, so a perfectly invariant ensemble's noise is 0 too
+    assert s.loc[s["model"].str.startswith("group_mlp"), "spread_noise"].max() < 1e-12
     aug = s[s["model"] == "mlp_aug"]
     assert aug["theory_spread"].max() < 1e-7
+    assert (aug["spread_noise"] > 0).all() and np.isfinite(aug["dev_se_ss"]).all()
     plain = s[s["model"] == "mlp_plain"]
     assert plain["theory_spread"].min() > 1e-2
     np.testing.assert_allclose(plain["spread"], plain["theory_spread"], rtol=1e-9)

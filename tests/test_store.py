@@ -39,6 +39,9 @@ def test_moments_aggregate_exactly_across_units(tmp_path):
     var = ((g["sumsq"] - g["sum"] ** 2 / g["count"]) / (g["count"] - 1)).to_numpy().reshape(2, 4, 3)
     np.testing.assert_allclose(mean, preds.mean(0), rtol=1e-12)
     np.testing.assert_allclose(var, preds.var(0, ddof=1), rtol=1e-10)
+    devsq = df.groupby(["sample", "group_element", "output"])["orbit_devsq"].sum().to_numpy().reshape(2, 4, 3)
+    own = preds - preds.mean(axis=2, keepdims=True)  # each member against its own orbit mean
+    np.testing.assert_allclose(devsq, (own**2).sum(0), rtol=1e-12)
     assert (df["time"] == 0).all() and (df["width"] == 8).all() and (df["model"] == "m").all()
 
 
