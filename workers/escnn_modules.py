@@ -24,6 +24,8 @@ with warnings.catch_warnings():
 
 from study.groups import Group
 
+from .pointwise import phi
+
 __all__ = [
     "enn",
     "gspace",
@@ -174,14 +176,7 @@ def permutation_type(group: Group, perm: np.ndarray) -> "enn.FieldType":
 
 
 # ----- modules escnn lacks -----------------------------------------------------------------
-def apply_pointwise(kind: str, x: torch.Tensor) -> torch.Tensor:
-    if kind == "relu":
-        return torch.relu(x)
-    if kind == "erf":
-        return torch.erf(x)
-    if kind == "identity":
-        return x
-    raise ValueError(f"nonlinearity: unknown {kind!r}; use relu, erf or identity")
+apply_pointwise = phi  # the one definition, workers.pointwise
 
 
 class PointwiseNonlin(enn.EquivariantModule):

@@ -60,6 +60,8 @@ from study.sphere import (
     wigner_d,
 )
 
+from .pointwise import phi
+
 __all__ = [
     "phi",
     "rotate_fourier",
@@ -74,17 +76,6 @@ __all__ = [
     "SphereMLP",
     "build_sphere_mlp",
 ]
-
-
-def phi(kind: str, x: torch.Tensor) -> torch.Tensor:
-    """The pointwise nonlinearity ``relu``, ``erf`` or ``identity``."""
-    if kind == "relu":
-        return torch.relu(x)
-    if kind == "erf":
-        return torch.erf(x)
-    if kind == "identity":
-        return x
-    raise ValueError(f"nonlinearity: unknown {kind!r}; use relu, erf or identity")
 
 
 def _normal(*shape: int, generator: Optional[torch.Generator], dtype) -> nn.Parameter:
