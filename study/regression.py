@@ -9,7 +9,8 @@
 Results directory (``DIR``)::
 
     study.yaml, study.json, versions.json   as for ensemble studies
-    inputs.npz          train_x, train_y (the pool of training candidates), eval__test, test_y
+    inputs.npz          train_x, train_y (the pool of training candidates), eval__test, test_y;
+                        for molecules also train_z, test_z (atomic numbers, 0 = padding atom)
     kernels/<key>.npz   nngp_pool, ntk_pool [P, P]; nngp_test, ntk_test [T, P] (one model)
     kernels/<key>.json  the spec, data digest, shapes and the seconds the kernels took
     regression.parquet  one row per (model, kernel, time, size, draw); also regression.csv
@@ -18,6 +19,11 @@ Results directory (``DIR``)::
 
 A rerun into the same ``DIR`` (say with more sizes or draws) reuses every cached kernel whose
 spec and inputs are unchanged, and rewrites the tables.
+
+Molecules (``source: molecules``, docs/study.md): the inputs are padded per-atom environments
+``[N, A, C, 2L, 2L]``; each model's molecule kernel is its atom kernel summed over both
+molecules' atoms (``analysis.regression.cached_molecule_kernels``), the targets are energies
+(eV) less a baseline fitted per draw, and the tables hold MAE and RMSE.
 """
 
 from __future__ import annotations
