@@ -174,10 +174,15 @@ def so3_kernel_fn(spec: SO3Spec, x1, x2=None, mode: str = "grid") -> Tuple[torch
     var2 = var1 if x2 is None else _so3_run(spec, ops, u2, u2, outer=False)[2]
     P = ops.w.shape[0]
     rows = max(1, _BLOCK_BYTES // (8 * P * P * u2.shape[0]))
+    return _in_row_blocks(lambda sl: _so3_run(spec, ops, u1[sl], u2, True, [v[sl] for v in var1], var2),
+                          u1.shape[0], rows)
+
+
+def _in_row_blocks(run, n_rows: int, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NNGP and NTK assembled from ``run(slice)`` over blocks of ``rows`` rows (bounded memory)."""
     nngp, ntk = [], []
-    for i in range(0, u1.shape[0], rows):
-        sl = slice(i, i + rows)
-        n, t, _ = _so3_run(spec, ops, u1[sl], u2, True, [v[sl] for v in var1], var2)
+    for i in range(0, n_rows, rows):
+        n, t, _ = run(slice(i, i + rows))
         nngp.append(n)
         ntk.append(t)
     return torch.cat(nngp), torch.cat(ntk)
@@ -243,13 +248,8 @@ def _so3_relative(spec: SO3Spec, x1, x2=None):
     e1 = _rel_run(spec, ops, s1, s1, outer=False)[2]
     e2 = e1 if x2 is None else _rel_run(spec, ops, s2, s2, outer=False)[2]
     rows = max(1, _BLOCK_BYTES // (8 * ops.w.shape[0] * max(1, s2.shape[0]) * 4))
-    nngp, ntk = [], []
-    for i in range(0, s1.shape[0], rows):
-        sl = slice(i, i + rows)
-        n, t, _ = _rel_run(spec, ops, s1[sl], s2, True, [v[sl] for v in e1], e2)
-        nngp.append(n)
-        ntk.append(t)
-    return torch.cat(nngp), torch.cat(ntk)
+    return _in_row_blocks(lambda sl: _rel_run(spec, ops, s1[sl], s2, True, [v[sl] for v in e1], e2),
+                          s1.shape[0], rows)
 
 
 # ----- the sphere MLP -----------------------------------------------------------------------
