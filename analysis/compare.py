@@ -233,8 +233,14 @@ def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
     g = points.groupby(orbit, sort=False)
     dev = points["mean"] - g["mean"].transform("mean")
     dev_mu = points["mu"] - g["mu"].transform("mean")
+    # the noise in ``dev``: members' own orbit deviations d_j vary by var_d, and dev is their
+    # mean, so its variance is var_d / M (correlations across the orbit included)
+    m = points["members"].to_numpy(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var_d = np.maximum(points["orbit_devsq"].to_numpy(np.float64) - dev.to_numpy() ** 2, 0.0) * m / (m - 1)
     tmp = points[SLICE + ["group_element"]].assign(
-        dev2=dev**2, m2=points["mean"] ** 2, se2=points["se"] ** 2, dev_mu2=dev_mu**2, mu2=points["mu"] ** 2
+        dev2=dev**2, m2=points["mean"] ** 2, se2=points["se"] ** 2, dev_mu2=dev_mu**2, mu2=points["mu"] ** 2,
+        dev_se2=var_d / m,
     )
     a = tmp.groupby(SLICE, sort=True).agg(
         order=("group_element", "nunique"),
@@ -242,6 +248,7 @@ def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
         dev_ss=("dev2", "sum"),
         mean_ss=("m2", "sum"),
         se_ss=("se2", "sum"),
+        dev_se_ss=("dev_se2", _sum_or_nan),
         dev_mu_ss=("dev_mu2", "sum"),
         mu_ss=("mu2", "sum"),
     ).reset_index()
@@ -251,7 +258,10 @@ def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
 
 def _spreads(a: pd.DataFrame) -> pd.DataFrame:
     a["spread"] = _sqrt_ratio(a["dev_ss"], a["mean_ss"])
-    a["spread_noise"] = _sqrt_ratio((1 - 1 / a["order"]) * a["se_ss"], a["mean_ss"])
+    # exact (from the members' own orbit deviations) where the parts have them; else the
+    # level independent errors of one SE across the orbit would give (older results)
+    noise_ss = a["dev_se_ss"].where(np.isfinite(a["dev_se_ss"]), (1 - 1 / a["order"]) * a["se_ss"])
+    a["spread_noise"] = _sqrt_ratio(noise_ss, a["mean_ss"])
     a["theory_spread"] = _sqrt_ratio(a["dev_mu_ss"], a["mu_ss"])
     return a
 
@@ -263,6 +273,7 @@ def pooled_spread(spr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         dev_ss=("dev_ss", "sum"),
         mean_ss=("mean_ss", "sum"),
         se_ss=("se_ss", "sum"),
+        dev_se_ss=("dev_se_ss", _sum_or_nan),
         dev_mu_ss=("dev_mu_ss", "sum"),
         mu_ss=("mu_ss", "sum"),
     ).reset_index()
@@ -274,14 +285,14 @@ def model_pairs(specs: list[ModelSpec]) -> list[dict]:
     """The comparisons THEORY section 6 predicts something about.
 
     - ``augmentation``: an augmented mlp/cnn (full_orbit or random) and each GCNN of the same
-      group (mlp <-> group_mlp, cnn <-> gcnn; any support or basis).
+      group (mlp <-> group_mlp, cnn <-> gcnn, sphere_mlp <-> so3_gcnn; any support or basis).
     - ``gcnn``: two GCNNs of the same arch and group that differ in support or basis (the
       canonical one second when only one is canonical).
 
     Both models of a pair are trained alike (same loss, optimizer and batch size).
     """
     pairs = []
-    partner = {"mlp": "group_mlp", "cnn": "gcnn"}
+    partner = {"mlp": "group_mlp", "cnn": "gcnn", "sphere_mlp": "so3_gcnn"}
     for a in specs:
         if a.arch in partner and a.augmentation != "none":
             for b in specs:
@@ -384,7 +395,7 @@ def build_tables(stats: pd.DataFrame, theories: dict, specs: list[ModelSpec],
         pairs=pair_gaps(points, model_pairs(specs)),
         theory=pd.DataFrame([
             dict(model=t.model, lr=t.lr, status=t.status, error=t.error or "",
-                 seconds=round(t.seconds, 3), cached=t.cached)
+                 seconds=round(t.seconds, 3), cached=t.cached, note=getattr(t, "note", ""))
             for t in theories.values()
-        ], columns=["model", "lr", "status", "error", "seconds", "cached"]),
+        ], columns=["model", "lr", "status", "error", "seconds", "cached", "note"]),
     )

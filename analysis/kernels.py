@@ -257,6 +257,10 @@ def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, ro
     their basis covariance), ``basis_full`` (the same without right invariance).
     """
     input_shape = tuple(int(s) for s in input_shape)
+    if spec.so3:  # group SO3: analysis.kernel_so3 through the study adapter
+        from .kernel_so3_study import so3_study_kernel_fn
+
+        return so3_study_kernel_fn(spec, input_shape, n_out)
     plan = layer_plan(spec, input_shape, n_out)
     rules = build_rules(plan, input_shape, spec.group_obj, route)
     return KernelFn(rules, input_shape, f"{spec.name}: {spec.arch}, route {route}")
@@ -312,7 +316,12 @@ def orbit_averaged(kernel_fn, group, input_kind: str) -> OrbitAveraged:
 
 def mean_kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, **kwargs):
     """The kernel of the analytic ensemble mean: orbit-averaged for an augmented ``mlp``/``cnn``
-    (THEORY section 6), else the model's own kernel."""
+    (THEORY section 6), else the model's own kernel. A ``sphere_mlp`` with ``augmentation:
+    random`` gets its SO(3) orbit average (``analysis.kernel_so3_study``; docs/so3.md)."""
+    if spec.so3:
+        from .kernel_so3_study import so3_study_kernel_fn
+
+        return so3_study_kernel_fn(spec, input_shape, n_out, orbit_average=spec.augmentation != "none")
     kf = kernel_fn(spec, input_shape, n_out, **kwargs)
     if spec.arch in ("mlp", "cnn") and spec.augmentation != "none":
         return orbit_averaged(kf, spec.group_obj, "image" if len(input_shape) == 3 else "ring")

@@ -305,7 +305,8 @@ def predict_as_trained(
       for models with a jointly invariant NTK (MLP; CNN with circular padding and gap
       readout), and the variance is still computed on the augmented set.
     - ``random``: the expected update of linearised GD equals the full-orbit update, so the
-      mean is the full-orbit mean exactly. The variance has no closed form here (the
+      mean is the full-orbit mean exactly (for a continuous group, SO3: kernel GD with the
+      orbit-averaged kernel ``mean_kernel_fn`` on the ``N`` originals). The variance has no closed form here (the
       random draws add a variance that depends on the sampled sequence of transforms and
       does not reduce to these kernels), so it is returned as NaN.
 
@@ -338,6 +339,13 @@ def predict_as_trained(
 
     if aug == "none":
         mean, var = on(kernel_fn, own, x_train, y, variance)
+    elif aug == "random" and getattr(spec.group_obj, "continuous", False):
+        # SO(3): no finite orbit to augment with. With a fresh independent rotation per sample
+        # and step and a jointly invariant NTK, the mean follows kernel GD with the orbit-averaged
+        # kernel on the N originals (docs/so3.md, "The SO(3) study"); no closed-form variance.
+        if mean_kernel_fn is None:
+            from .kernels import mean_kernel_fn
+        mean, var = on(mean_kernel_fn, spec, x_train, y, False)
     elif aug in ("full_orbit", "random"):
         x_aug, y_aug = augment_full_orbit(spec, x_train, y)
         want_var = variance and aug == "full_orbit"

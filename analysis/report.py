@@ -96,6 +96,8 @@ class Summary:
         extra = [m["augmentation"]] if m["augmentation"] != "none" else []
         if m["arch"] in ("gcnn", "group_mlp"):
             extra = [f"{m['support']} support", f"{m['basis']} basis"]
+        if m["group"] == "SO3":  # the orbit axis holds a seeded sample of rotations
+            extra.append("SO3")
         if m.get("optimizer", "gd") != "gd":
             extra.append(f"{m['optimizer']}, batch {m['batch_size']}")
         if m.get("loss", "mse") != "mse":
@@ -105,6 +107,10 @@ class Summary:
     def eval_sets(self, frame: pd.DataFrame) -> list[str]:
         present = set(frame["eval_set"])
         return [e for e in self.eval_order if e in present]
+
+
+# Architecture families, in the order verdicts and plots show them (SO3 models last).
+FAMILIES = ["mlp", "cnn", "group_mlp", "gcnn", "sphere_mlp", "so3_gcnn"]
 
 
 # ----- the summary table -------------------------------------------------------------------
@@ -141,7 +147,7 @@ def verdict_agreement(s: Summary) -> str:
     if not len(s.top_points):
         return "No ensemble has both finished units and an analytic prediction, so nothing can be compared."
     parts = []
-    for fam in ["mlp", "cnn", "group_mlp", "gcnn"]:
+    for fam in FAMILIES:
         p = s.top_points[s.top_points["arch"] == fam]
         p = p[p["z"].notna()]
         if not len(p):
@@ -257,7 +263,7 @@ def verdict_invariance(s: Summary) -> str:
             if not len(sp) or sp["order"].max() < 2:
                 continue
             kind = ("augmented" if spec["augmentation"] != "none" else
-                    "equivariant by construction" if spec["arch"] in ("gcnn", "group_mlp") else "not augmented")
+                    "equivariant by construction" if spec["arch"] in ("gcnn", "group_mlp", "so3_gcnn") else "not augmented")
             first, last = sp.iloc[0], sp.iloc[-1]
             text = f"{model} ({kind}): {_fmt(first['spread'])} at width {first['width']}"
             if len(sp) >= 2:
@@ -473,7 +479,7 @@ def plot_z_scores(s: Summary, path: Path) -> Optional[str]:
     p = s.top_points[s.top_points["z"].notna() & np.isfinite(s.top_points["z"])]
     if not len(p):
         return None
-    fams = [f for f in ["mlp", "cnn", "group_mlp", "gcnn"] if (p["arch"] == f).any()]
+    fams = [f for f in FAMILIES if (p["arch"] == f).any()]
     fig, axes = plt.subplots(1, len(fams), figsize=(4 * len(fams), 3.2), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         z = p.loc[p["arch"] == fam, "z"].clip(-8, 8)

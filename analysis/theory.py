@@ -49,6 +49,7 @@ class Theory:
     seconds: float = 0.0
     cached: bool = False
     applicable: bool = True  # false: the model's training has no analytic counterpart (SGD, cross-entropy)
+    note: str = ""  # how the prediction was made where that needs saying (SO3: kernel, quadrature error)
 
     @property
     def ok(self) -> bool:
@@ -84,7 +85,7 @@ def orbit_points(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
 # module but the comparison and reporting ones), the predictor, this module, and what they
 # read from study/ and workers/ (layer plans, group actions, filter bases).
 _NOT_THEORY = {"__init__.py", "empirical.py", "compare.py", "report.py", "pipeline.py"}
-_THEORY_DEPS = ["study/architecture.py", "study/groups.py", "study/spec.py", "workers/bases.py"]
+_THEORY_DEPS = ["study/architecture.py", "study/groups.py", "study/spec.py", "study/sphere.py", "workers/bases.py"]
 
 
 def _code_digest() -> str:
@@ -207,6 +208,8 @@ def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn
         th.error = f"unstable learning rate: {e}"
     except Exception as e:  # a model the kernel engine cannot do must not stop the other models
         th.error = f"{type(e).__name__}: {e}".splitlines()[0]
+    if th.error is None and spec.so3:
+        th.note = _so3_note(spec, data)
     th.seconds = time.perf_counter() - t0
     if th.error:
         return th
@@ -219,6 +222,20 @@ def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn
         th.var[name] = pred.variance[:, rows].reshape(len(steps), n, order)
         start += n * order
     return th
+
+
+def _so3_note(spec: ModelSpec, data) -> str:
+    """What an SO(3) model's prediction is: its kernel, and for random augmentation the measured
+    quadrature error of the orbit average and why there is no variance."""
+    if spec.arch == "so3_gcnn":
+        return f"own kernel, {spec.kernel_mode or 'grid'} mode (SOFT B={spec.so3_grid}); mean and variance"
+    if spec.augmentation == "none":
+        return "own kernel; mean and variance"
+    from .kernel_so3_study import ORBIT_B_Q, orbit_quadrature_error
+
+    err = orbit_quadrature_error(spec, data.train_x, data.n_out)
+    return (f"mean: kernel GD with the SO(3) orbit-averaged NTK (SOFT B_q={ORBIT_B_Q}, quadrature error "
+            f"{err:.1e} of ||Theta_G(X, X)||); variance: no closed form under random augmentation (NaN)")
 
 
 def _invariant(p, n_base: int, firsts, order: int) -> bool:
@@ -246,7 +263,7 @@ def _along_orbits(p, n_base: int, order: int):
 def _save(path: Path, key: str, th: Theory) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"key": np.array(key), "steps": np.array(th.steps), "seconds": np.array(th.seconds),
-              "error": np.array(th.error or "")}
+              "error": np.array(th.error or ""), "note": np.array(th.note)}
     for name in th.mean:
         arrays[f"mean__{name}"] = th.mean[name]
         arrays[f"var__{name}"] = th.var[name]
@@ -262,7 +279,8 @@ def _load(path: Path, key: str, model: str, lr: float) -> Optional[Theory]:
             if str(z["key"]) != key:
                 return None
             th = Theory(model=model, lr=float(lr), steps=[int(s) for s in z["steps"]],
-                        error=str(z["error"]) or None, seconds=float(z["seconds"]), cached=True)
+                        error=str(z["error"]) or None, seconds=float(z["seconds"]), cached=True,
+                        note=str(z["note"]) if "note" in z.files else "")
             for k in z.files:
                 if k.startswith("mean__"):
                     th.mean[k[6:]] = z[k]
@@ -338,7 +356,8 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
     def finish(spec, lr, key, th):
         if th.ok or th.error.startswith("unstable"):
             _save(cache_path(out, spec.name, lr), key, th)
-        log(f"theory {spec.name} lr={lr:g}: " + (f"{th.seconds:.1f} s" if th.ok else th.error))
+        log(f"theory {spec.name} lr={lr:g}: " + (f"{th.seconds:.1f} s" if th.ok else th.error)
+            + (f" ({th.note})" if th.note else ""))
         result[(spec.name, lr)] = th
 
     if workers <= 1:

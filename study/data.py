@@ -185,6 +185,113 @@ def _photo_patches(src, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return out
 
 
+# ----- signals on the sphere (group SO3; docs/so3.md, "The SO(3) study") ----------------------
+# The planar image covers [-_PLANE_HALF, _PLANE_HALF]^2 of the plane tangent at the north pole,
+# reached by stereographic projection from the south pole, (u, v) = 2 (x, y) / (1 + z): the
+# square's inscribed disk is the northern hemisphere (2 tan(b/2) = 2 at b = 90 deg), as in the
+# Spherical CNNs MNIST-on-sphere benchmark, which projects each digit onto the northern hemisphere.
+_PLANE_HALF = 2.0
+# Bandwidth of the fine DH grid the projected image is sampled on before it is band-limited.
+_FINE_L = 32
+
+
+def _project_to_sphere(images: np.ndarray, L: int) -> np.ndarray:
+    """``[N, h, w]`` planar images -> ``[N, 1, 2L, 2L]`` DH samples band-limited to degrees ``< L``.
+
+    The image is sampled (bilinear, zero outside it) on a fine DH grid of bandwidth
+    ``max(_FINE_L, 4L)``, its harmonics of degree ``< L`` are taken there by DH quadrature,
+    and synthesised on the grid of bandwidth ``L``: a low-pass projection of the projected
+    digit (sampling on the coarse grid directly would alias its sharp edges into the low
+    degrees). The result is exactly band-limited, so ``rotate_signal`` acts on it exactly.
+    """
+    from scipy.ndimage import map_coordinates
+
+    from .sphere import dh_grid, isht, sht
+
+    fine = dh_grid(max(_FINE_L, 4 * L))
+    x, y, z = (fine.xyz[..., i] for i in range(3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u, v = 2 * x / (1 + z), 2 * y / (1 + z)
+    out = np.empty((len(images), 1, 2 * L, 2 * L))
+    coarse = dh_grid(L)
+    for a, im in enumerate(images):
+        h, w = im.shape
+        col = (u / _PLANE_HALF + 1) * w / 2 - 0.5  # pixel centres at -1 + (i + 1/2) 2/w
+        row = (1 - v / _PLANE_HALF) * h / 2 - 0.5  # image rows run downwards, +y upwards
+        ok = np.isfinite(col) & np.isfinite(row)
+        coords = np.stack([np.where(ok, row, -10.0), np.where(ok, col, -10.0)])
+        samples = map_coordinates(np.asarray(im, dtype=np.float64), coords, order=1, mode="constant", cval=0.0)
+        out[a, 0] = isht(sht(samples, fine, L - 1), coarse)
+    return out
+
+
+def _sphere_L(src, L_train) -> int:
+    L = src.L if src.L is not None else L_train
+    if L is None:  # config requires L in training sources; an eval set inherits it
+        raise StudyError(f"data: source {src.source} needs its DH grid bandwidth; add L: <bandwidth>")
+    return int(L)
+
+
+def _spherical_digits(src, seed: int, L: int):
+    """The ``digits`` (same seeded order) on the sphere; ``rotate``: each turned by a Haar
+    rotation drawn once per digit (for all 1797, so a digit looks the same in every set)."""
+    from .sphere import dh_grid, isht, random_rotations, rotate_coeffs, sht
+
+    x, labels, classes = _digits(src, seed)
+    out = _project_to_sphere(x[:, 0], L)
+    if src.rotate:
+        R = random_rotations(1797, derive_seed("spherical-digits-rotations", seed))[src.start : src.start + src.n]
+        g = dh_grid(L)
+        out = isht(rotate_coeffs(sht(out, g), R[:, None]), g)
+    return out, labels, classes
+
+
+def _sphere_noise(src, seed: int, name: str, L: int) -> np.ndarray:
+    """White noise band-limited to degrees ``< L``: i.i.d. N(0, 1) real SH coefficients."""
+    from .sphere import dh_grid, isht, n_harmonics
+
+    rng = np.random.default_rng(derive_seed("sphere-noise", seed, name))
+    return isht(rng.standard_normal((src.n, 1, n_harmonics(L - 1))), dh_grid(L))
+
+
+def _sphere_photos(src, seed: int, L: int) -> np.ndarray:
+    """Grey ``patch x patch`` crops of scikit-learn's sample photographs, projected like the digits."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [im.astype(np.float64).mean(axis=2) for im in load_sample_images().images]
+    rng = np.random.default_rng(derive_seed("sphere-photos", seed))
+    crops = np.empty((src.n, src.patch, src.patch))
+    for a in range(src.n):
+        im = photos[rng.integers(len(photos))]
+        r0 = rng.integers(0, im.shape[0] - src.patch + 1)
+        c0 = rng.integers(0, im.shape[1] - src.patch + 1)
+        crops[a] = im[r0 : r0 + src.patch, c0 : c0 + src.patch]
+    return _project_to_sphere(crops, L)
+
+
+def _normalize_sphere(x: np.ndarray) -> np.ndarray:
+    """Per input ``[C, 2L, 2L]``: subtract its mean and scale to mean square 1, both under the
+    sphere's (DH quadrature) measure.
+
+    Why the quadrature measure: the pixels of a DH grid are not equal areas, so the plain
+    pixel mean and mean square of ``R x`` differ from those of ``x``; normalising with them
+    would not commute with rotations (``normalize(R x) != R normalize(x)``) and rotated
+    inputs would leave the normalised set. Under the quadrature measure the mean is the
+    ``l = 0`` coefficient and the mean square the squared norm of the coefficients, both
+    exactly rotation invariant for signals of band limit ``< L`` (the quadrature is exact
+    for products of two such signals), and subtracting a constant keeps the band limit.
+    So the normalised data stay band-limited, rotations stay exact, and
+    ``Sigma0(x, x) = 1`` for the sphere MLP as for the image models.
+    """
+    from .sphere import dh_grid
+
+    w = dh_grid(x.shape[-1] // 2).weights
+    mean = np.einsum("ncjk,jk->n", x, w) / x.shape[1]
+    x = x - mean[:, None, None, None]
+    rms = np.sqrt(np.einsum("ncjk,jk->n", x**2, w) / x.shape[1])
+    return x / np.where(rms > 0, rms, 1.0)[:, None, None, None]
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     """Per input: subtract its mean, scale to mean square 1. Invariant under any permutation
     of positions, so it commutes with every group action."""
@@ -194,7 +301,9 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(rms > 0, rms, 1.0)
 
 
-def _labelled(src, seed: int, base: Path, group: str = "C4"):
+def _labelled(src, seed: int, base: Path, group: str = "C4", L_train=None):
+    if src.source == "spherical_digits":
+        return _spherical_digits(src, seed, _sphere_L(src, L_train))
     if src.source == "digits":
         return _digits(src, seed)
     if src.source == "rotated_digits":
@@ -210,6 +319,8 @@ def build_data(cfg: DataConfig, seed: int, base: Path = Path("."), group: str = 
     """Build the study's arrays from its data config; ``base`` resolves relative paths,
     ``group`` (the study's) is the default group of ``rotated_digits``."""
     x, labels, classes = _labelled(cfg.train, seed, base, group)
+    sphere = cfg.train.source == "spherical_digits"
+    L_train = x.shape[-1] // 2 if sphere else None
     if len(x) == 0:
         raise StudyError("data.train: the training set has no inputs; give n > 0 or a file with images")
     y = np.eye(classes)[labels]
@@ -223,8 +334,12 @@ def build_data(cfg: DataConfig, seed: int, base: Path = Path("."), group: str = 
             xe = rng.standard_normal((src.n, *x.shape[1:]))
         elif src.source == "sample_images":
             xe = _photo_patches(src, x.shape[1:], seed)
+        elif src.source == "sphere_noise":
+            xe = _sphere_noise(src, seed, ev.name, _sphere_L(src, L_train))
+        elif src.source == "sphere_photos":
+            xe = _sphere_photos(src, seed, _sphere_L(src, L_train))
         else:
-            xe = _labelled(src, seed, base, group)[0]
+            xe = _labelled(src, seed, base, group, L_train)[0]
         if len(xe) == 0:
             raise StudyError(f"data.eval.{ev.name}: the eval set has no inputs; give n > 0 or a file with images")
         if xe.shape[1:] != x.shape[1:]:
@@ -234,6 +349,7 @@ def build_data(cfg: DataConfig, seed: int, base: Path = Path("."), group: str = 
             )
         evals[ev.name] = xe
     if cfg.normalize == "per_image":
-        x = _normalize(x)
-        evals = {k: _normalize(v) for k, v in evals.items()}
+        norm = _normalize_sphere if sphere else _normalize
+        x = norm(x)
+        evals = {k: norm(v) for k, v in evals.items()}
     return StudyData(train_x=x, train_y=y, eval_sets=evals)

@@ -135,7 +135,55 @@ class Minibatches:
         return Batch(x, full.y[rows], per_member=True)  # [M, B, *shape], [M, B, n_out]
 
 
-Augmentation = NoAugmentation | FullOrbit | RandomOrbit | Minibatches
+class RandomRotations:
+    """SO(3) (``study.groups.SO3Group``): each step, each member replaces each sample by ``R x_i``
+    with ``R`` Haar-uniform and fresh.
+
+    Vectorised: the SH coefficients of the ``N`` inputs (degrees ``< L``, exact for the
+    band-limited study data) are computed once; each step the ``M N`` rotations are drawn,
+    their Wigner matrices computed at once (``study.sphere.wigner_d``), the coefficients
+    rotated and synthesised on the grid, all in float64, then cast to ``x``'s dtype. Member
+    ``j`` draws from its own numpy generator seeded by ``seeds[j]``, ``N`` rotations per step
+    (``study.sphere.random_rotations``), so its sequence depends neither on the device nor on
+    the members sharing its unit.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]):
+        import numpy as np
+
+        from study.sphere import dh_grid, sht
+
+        self.x = x
+        h = x.shape[-1]
+        if x.ndim != 4 or x.shape[-2] != h or h % 2:
+            raise ValueError(f"augmentation: SO3 rotates signals on DH grids [N, C, 2L, 2L], got shape {tuple(x.shape)}")
+        self.L = h // 2
+        self._grid = dh_grid(self.L)
+        self._coeffs = sht(x.detach().cpu().to(torch.float64).numpy(), self._grid)  # [N, C, L^2]
+        self._y = y
+        self._generators = [np.random.default_rng(int(s)) for s in seeds]
+
+    def draw(self):
+        """The next rotations, ``[M, N, 3, 3]`` (numpy float64)."""
+        import numpy as np
+
+        from study.sphere import random_rotations
+
+        n = self._coeffs.shape[0]
+        return np.stack([random_rotations(n, gen) for gen in self._generators])
+
+    def rotated(self, R) -> torch.Tensor:
+        """``R[m, i] x_i`` for rotations ``[M, N, 3, 3]``: ``[M, N, C, 2L, 2L]`` in ``x``'s dtype and device."""
+        from study.sphere import isht, rotate_coeffs
+
+        out = isht(rotate_coeffs(self._coeffs[None], R[:, :, None]), self._grid)
+        return torch.as_tensor(out, dtype=self.x.dtype, device=self.x.device)
+
+    def next_batch(self) -> Batch:
+        return Batch(self.rotated(self.draw()), self._y, per_member=True)
+
+
+Augmentation = NoAugmentation | FullOrbit | RandomOrbit | RandomRotations | Minibatches
 
 
 def make_augmentation(
@@ -144,6 +192,13 @@ def make_augmentation(
     """The augmentation ``kind`` (``none``, ``full_orbit``, ``random``); ``seeds`` (one per member) for ``random``."""
     if kind == "none":
         return NoAugmentation(x, y)
+    if getattr(group, "continuous", False):
+        if kind == "full_orbit":
+            raise ValueError(f"augmentation: full_orbit needs a finite orbit and {group.name} has none; use random")
+        if kind == "random":
+            if not seeds:
+                raise ValueError("augmentation: random needs one seed per member")
+            return RandomRotations(x, y, seeds)
     if kind == "full_orbit":
         return FullOrbit(group, x, y)
     if kind == "random":

@@ -18,7 +18,7 @@ from . import escnn_modules as em
 from .bases import domain_permutation, filter_basis
 from .layers import BasisConv2d, BasisLinear, Flatten, GlobalAvgPool, NTKConv2d, NTKDense, Pointwise
 
-__all__ = ["Network", "build_model", "init_parameters"]
+__all__ = ["Network", "build_model", "build_sphere_model", "init_parameters"]
 
 
 class Network(nn.Module):
@@ -74,6 +74,8 @@ def build_model(spec: ModelSpec, width: int, input_shape: tuple, n_out: int) -> 
     input_shape = tuple(int(s) for s in input_shape)
     if width < 1 or n_out < 1:
         raise ValueError(f"width and n_out must be positive, got width={width}, n_out={n_out}")
+    if spec.so3:
+        return build_sphere_model(spec, width, input_shape, n_out)
     plan = arch.layer_plan(spec, input_shape, n_out)
     group = spec.group_obj
 
@@ -169,3 +171,55 @@ def _conv_hw(hw, k: int, padding: str) -> tuple[int, int]:
 def _expect(kind: str, wanted: str, entry) -> None:
     if kind != wanted:
         raise ValueError(f"{type(entry).__name__} needs {wanted} features, got {kind}")
+
+
+# ----- SO(3) models (group SO3): workers.so3, from the spec's study.spec.sphere_spec --------------
+class StudySphereMLP(nn.Module):
+    """``workers.so3.SphereMLP`` with its input weights ``sqrt(n_pix w)`` as a buffer, so the
+    forward is a pure function of parameters and input (``functional_call``/``vmap``, any device)."""
+
+    def __init__(self, spec, width: int):
+        super().__init__()
+        import numpy as np
+
+        from study.sphere import dh_grid
+
+        from .so3 import SphereMLP
+
+        self.net = SphereMLP(spec, width, torch.Generator().manual_seed(0), torch.float64)
+        g = dh_grid(spec.L_in)
+        self.register_buffer("scale", torch.as_tensor(np.sqrt(g.weights * g.weights.size)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (x.to(self.scale.dtype) * self.scale).flatten(-3)  # [B, C 4L^2], as so3.sphere_mlp_inputs
+        for layer in self.net.hidden:
+            h = phi_(self.net.spec.nonlin, layer(h))
+        return self.net.readout(h)
+
+
+class StudySO3Net(nn.Module):
+    """``workers.so3.SO3Net`` casting its input to the parameters' dtype (like ``Network``)."""
+
+    def __init__(self, spec, width: int):
+        super().__init__()
+        from .so3 import SO3Net
+
+        self.net = SO3Net(spec, width, torch.Generator().manual_seed(0), torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net.readout.weight.dtype))
+
+
+def phi_(kind: str, x: torch.Tensor) -> torch.Tensor:
+    from .so3 import phi
+
+    return phi(kind, x)
+
+
+def build_sphere_model(spec: ModelSpec, width: int, input_shape: tuple, n_out: int) -> nn.Module:
+    """The finite ``so3_gcnn`` or ``sphere_mlp`` of ``spec`` (``workers.so3``), float64 until cast;
+    its parameters are re-drawn by ``init_parameters`` (every one N(0, 1), as in ``workers.so3``)."""
+    from study.spec import sphere_spec
+
+    s = sphere_spec(spec, tuple(input_shape), n_out)
+    return StudySO3Net(s, width) if spec.arch == "so3_gcnn" else StudySphereMLP(s, width)
