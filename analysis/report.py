@@ -273,16 +273,18 @@ def verdict_invariance(s: Summary) -> str:
             if last["spread"] < ROUNDING_SPREAD:
                 text += ": invariant up to rounding"
             elif last["spread"] <= NOISE_FLOOR_FACTOR * last["spread_noise"]:
-                text += (f": within the independent-noise level {_fmt(last['spread_noise'])}, so no systematic "
+                text += (f": within the noise level {_fmt(last['spread_noise'])}, so no systematic "
                          f"non-invariance is resolved")
             else:
-                text += (f": {_fmt(last['spread'] / last['spread_noise'])} times the independent-noise level "
-                         f"{_fmt(last['spread_noise'])}, a systematic non-invariance")
+                systematic = np.sqrt(max(last["spread"] ** 2 - last["spread_noise"] ** 2, 0.0))
+                text += (f": {_fmt(last['spread'] / last['spread_noise'])} times the noise level "
+                         f"{_fmt(last['spread_noise'])}, a systematic non-invariance of about {_fmt(systematic)}")
             parts.append(text + f"; analytic mean's spread {_fmt(last['theory_spread'])}")
     return ("Orbit spread of each ensemble's mean (RMS over group elements of mean(L_g x) minus its orbit average, "
-            "relative to the RMS of the mean), pooled over eval sets and steps after initialisation. The independent-noise "
-            "level is the spread the ensemble's standard errors would give if they were independent across the orbit; "
-            "members' errors on one orbit are correlated, so it is an upper reference for the noise. " + "; ".join(parts) + ".")
+            "relative to the RMS of the mean), pooled over eval sets and steps after initialisation. The noise level is "
+            "the spread a perfectly invariant ensemble of this size would show: the member-to-member variance of each "
+            "member's own deviation from its orbit average, over M (correlations across the orbit included; the "
+            "independent-error level where the results predate it). " + "; ".join(parts) + ".")
 
 
 def verdict_escnn(s: Summary) -> str:
@@ -472,7 +474,7 @@ def plot_orbit_spread(s: Summary, path: Path) -> Optional[str]:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return ("Orbit spread of each ensemble's mean against width, pooled over steps after initialisation (floored at "
-            "1e-12 for display); dotted: the spread independent errors of one SE would give.")
+            "1e-12 for display); dotted: the noise level, the spread a perfectly invariant ensemble of this size would show.")
 
 
 def plot_z_scores(s: Summary, path: Path) -> Optional[str]:
@@ -627,8 +629,8 @@ identically, so there the scale is the RMS analytic standard deviation instead (
 <code>rel_noise</code> = RMS(SE)/scale is what the finite ensemble alone explains.</li>
 <li>Gap of a pair: RMS(mean_A - mean_B) / RMS(sqrt(SE_A^2 + SE_B^2)) over matching points (same width, step, eval set, sample,
 orbit point, output); the analytic gap uses mu_A - mu_B.</li>
-<li>Orbit spread: RMS over g of (mean(L_g x) - orbit average) / RMS(mean); the independent-noise level is
-sqrt(1 - 1/|G|) RMS(SE) / RMS(mean).</li>
+<li>Orbit spread: RMS over g of (mean(L_g x) - orbit average) / RMS(mean); the noise level is
+sqrt(sum var(d_j) / M) / RMS(mean), with d_j a member's prediction minus its own orbit average.</li>
 <li>Thresholds: agreement if median |z| &le; {Z_AGREE_FACTOR} x null; theorem holds if gap &le; {GAP_SE_LIMIT:g} SE;
 resolved if gap &gt; {RESOLVE_SE:g} SE; noise floor if rel_err &le; {NOISE_FLOOR_FACTOR} x rel_noise.</li>
 <li>Tables: <code>analysis/*.parquet</code> and <code>.csv</code> (the per-point table <code>points</code> as Parquet only).</li>
