@@ -36,3 +36,23 @@ def _no_ray_left_running():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(study_path, out, words)``: ``eqntk run`` must refuse the study as the brief asks:
+    exit code 2, one line on stderr naming every word in ``words``, nothing written at ``out``."""
+
+    def check(study, out, words):
+        from study.cli import main
+
+        code = main(["run", str(study), "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1, err
+        for w in words:
+            assert w in err, (w, err)
+        assert not os.path.exists(out), "nothing may be written for a refused study"
+        return err
+
+    return check
