@@ -248,10 +248,9 @@ def _spherical_digits(src, seed: int, L: int):
 
 def _sphere_noise(src, seed: int, name: str, L: int) -> np.ndarray:
     """White noise band-limited to degrees ``< L``: i.i.d. N(0, 1) real SH coefficients."""
-    from .sphere import dh_grid, isht, n_harmonics
+    from .sphere import band_limited_noise
 
-    rng = np.random.default_rng(derive_seed("sphere-noise", seed, name))
-    return isht(rng.standard_normal((src.n, 1, n_harmonics(L - 1))), dh_grid(L))
+    return band_limited_noise(src.n, 1, L, derive_seed("sphere-noise", seed, name))
 
 
 def _sphere_photos(src, seed: int, L: int) -> np.ndarray:

@@ -199,6 +199,13 @@ def isht(coeffs, grid: SphereGrid) -> np.ndarray:
     return np.einsum("...i,jki->...jk", c, grid.harmonics(l_max), optimize=True)
 
 
+def band_limited_noise(n: int, channels: int, L: int, rng) -> np.ndarray:
+    """``[n, channels, 2L, 2L]`` DH samples of white noise band-limited to degrees ``< L``
+    (i.i.d. N(0, 1) real SH coefficients), so every rotation acts on it exactly."""
+    rng = np.random.default_rng(rng)
+    return isht(rng.standard_normal((n, channels, L * L)), dh_grid(L))
+
+
 def rotate_coeffs(coeffs, R, l_max: Optional[int] = None) -> np.ndarray:
     """Coefficients of ``R s`` from those of ``s``: ``s_l -> D^l(R) s_l``.
 

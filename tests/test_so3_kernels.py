@@ -26,6 +26,7 @@ from analysis.kernel_so3 import (
     sphere_mlp_kernel_fn,
 )
 from study.sphere import (
+    band_limited_noise,
     SO3Spec,
     SphereMLPSpec,
     dh_grid,
@@ -44,8 +45,7 @@ EXACT = 1e-12
 
 
 def _signals(n, C, L, seed):
-    rng = np.random.default_rng(seed)
-    return isht(rng.standard_normal((n, C, L * L)), dh_grid(L))
+    return band_limited_noise(n, C, L, seed)
 
 
 def _rel(a, b):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from study.sphere import (
+    band_limited_noise,
     SO3Spec,
     SphereMLPSpec,
     dh_grid,
@@ -37,9 +38,7 @@ EXACT = 1e-10
 
 
 def _signals(n, C, L, seed):
-    """Random signals of band limit < L on the DH grid of bandwidth L, ``[n, C, 2L, 2L]``."""
-    rng = np.random.default_rng(seed)
-    return isht(rng.standard_normal((n, C, L * L)), dh_grid(L))
+    return band_limited_noise(n, C, L, seed)
 
 
 def test_lift_is_exactly_equivariant():
