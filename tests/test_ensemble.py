@@ -11,15 +11,6 @@ from workers.ensemble import Ensemble, member_seeds
 from workers.models import build_model, init_parameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and is not stalled by other jobs on the same cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 MLP = ModelSpec(name="mlp", arch="mlp", depth=2, sigma_b=0.1)
 
 

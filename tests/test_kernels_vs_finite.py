@@ -31,15 +31,6 @@ from workers.models import build_model, init_parameters
 N_SEEDS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The finite networks are small; on a shared 2-core machine torch's two intra-op
-    # threads stall each other (measured up to 10x slower under load), one thread does not.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 FAMILIES = [
     ("mlp", dict(), (2, 4, 4), (16, 64, 256)),
     ("mlp", dict(nonlinearity="erf", bias=False), (3, 6), (16, 64, 256)),

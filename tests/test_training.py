@@ -17,15 +17,6 @@ from workers.train import orbit_inputs, train_gd
 from workers.unit import reproducible, resolve_device, run_unit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and is not stalled by other jobs on the same cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 class MemoryWriter:
     """Keeps every ``log`` call, in order."""
 
