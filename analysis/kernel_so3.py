@@ -28,7 +28,7 @@ against ``B_q`` is measured in tests/test_so3_kernels.py and docs/so3.md).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -215,7 +215,7 @@ def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None)
         k = term if k is None else k.add_(term)
     k.mul_(sw2 / spec.channels).add_(sb2)
     k_e = (torch.einsum("icn,jcn->ij" if outer else "icn,icn->i", s1, s2)) * (sw2 / spec.channels) + sb2
-    theta, theta_e = k.clone(), k_e.clone()
+    theta = k.clone()  # the NTK at the identity is never needed: the dual activations read NNGP variances
     record = []
     for layer in range(spec.depth + 1):
         if e1 is None:
@@ -233,7 +233,7 @@ def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None)
             L = spec.bands[layer + 1]
             cp, ct = (psi @ ops.anal[L]).mul_(sw2), (dth @ ops.anal[L]).mul_(sw2)
             k, k_e = (cp @ ops.synth[L]).add_(sb2), (cp @ ops.at_e[L]).add_(sb2)
-            theta, theta_e = (ct @ ops.synth[L]).add_(k), (ct @ ops.at_e[L]).add_(k_e)
+            theta = (ct @ ops.synth[L]).add_(k)
         else:
             nngp = (psi @ ops.w).mul_(sr2).add_(sb2)
             ntk = (dth @ ops.w).mul_(sr2).add_(nngp)
