@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from study.store import ResultStore, atomic_path
+from study.atomic import atomic_path
+from study.store import ResultStore
 
 from . import compare, empirical, theory
 

@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from study.atomic import atomic_savez, atomic_write
 from study.seeds import derive_seed
 
 __all__ = [
@@ -97,13 +98,8 @@ def _from_cache(cache_dir: Path, key: str, n_pool: int, n_test: int, name: str, 
 def _to_cache(cache_dir: Path, key: str, out: dict, meta: dict) -> None:
     path, meta_path = _cache_paths(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{key}.npz.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **out)
-    tmp.replace(path)
-    tmp = path.with_name(f".{key}.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    atomic_savez(path, out)
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode())
 
 
 def cached_kernels(

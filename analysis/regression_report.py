@@ -9,10 +9,9 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from study.store import atomic_path
+from study.atomic import atomic_path
 
 from .regression import is_regression_table, paired_differences, summarize
 

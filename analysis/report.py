@@ -8,7 +8,6 @@ them. The page needs nothing but the PNG files beside it.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats as sps  # noqa: E402
 
-from study.store import atomic_path  # noqa: E402
+from study.atomic import atomic_path  # noqa: E402
 
 from . import compare  # noqa: E402
 
@@ -227,8 +226,8 @@ def verdict_theorem(s: Summary) -> str:
             f"{_fmt(top['theory_gap_se'].max())} SE); within {GAP_SE_LIMIT:g} SE on {len(within)} of {len(sets)} eval sets{trend}"
             + (f"; largest at step {int(worst['step'])} on {worst['eval_set']} ({_fmt(worst['gap_se'])} SE)" if worst is not None else "")
         )
-    text = (f"Gap between the ensemble means of each augmented model and its GCNN counterparts, in units of their combined "
-            f"standard error, pooled over the steps after initialisation, at the largest common width. ")
+    text = ("Gap between the ensemble means of each augmented model and its GCNN counterparts, in units of their combined "
+            "standard error, pooled over the steps after initialisation, at the largest common width. ")
     if groups[True]:
         h, n = counts[True]
         text += (f"Where the analytic means agree (relative difference below {THEOREM_RTOL:g}, so the theorem applies), the "

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from study.atomic import atomic_savez
 from study.spec import ModelSpec
 from study.store import ResultStore
 
@@ -267,10 +268,7 @@ def _save(path: Path, key: str, th: Theory) -> None:
     for name in th.mean:
         arrays[f"mean__{name}"] = th.mean[name]
         arrays[f"var__{name}"] = th.var[name]
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    atomic_savez(path, arrays)
 
 
 def _load(path: Path, key: str, model: str, lr: float) -> Optional[Theory]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_savez
 from .config import DataConfig, StudyError
 from .seeds import derive_seed
 
@@ -46,10 +47,7 @@ class StudyData:
     def save(self, path: Path) -> None:
         arrays = {"train_x": self.train_x, "train_y": self.train_y}
         arrays.update({f"eval__{k}": v for k, v in self.eval_sets.items()})
-        tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        tmp.replace(path)
+        atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> "StudyData":

@@ -44,6 +44,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_savez
 from .config import StudyError
 from .seeds import derive_seed
 
@@ -159,7 +160,7 @@ class MoleculeSet:
         if self.env is not None:
             arrays["env"] = self.env
             arrays["env_settings"] = np.array(json.dumps(self.env_settings, sort_keys=True))
-        _atomic_savez(Path(path), arrays)
+        atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path) -> "MoleculeSet":
@@ -179,25 +180,6 @@ class MoleculeSet:
             raise
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
             raise StudyError(f"molecules: {path} is not a readable .npz ({type(e).__name__}); delete it and regenerate it") from None
-
-
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    """A temporary file in the same folder (unique per process; created with the usual
-    umask permissions), then ``os.replace``: readers see no file or a whole one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ----- atom environments on the sphere ---------------------------------------------------

@@ -37,6 +37,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_savez, atomic_write
 from .config import StudyConfig, StudyError, load_study
 from .data import StudyData, _labelled, _normalize
 
@@ -92,10 +93,7 @@ class RegressionData:
         arrays = dict(train_x=self.pool_x, train_y=self.pool_y, eval__test=self.test_x, test_y=self.test_y)
         if self.molecular:
             arrays.update(train_z=self.pool_z, test_z=self.test_z)
-        tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        tmp.replace(path)
+        atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> "RegressionData":
@@ -298,7 +296,7 @@ def cmd_validate(path: Path) -> int:
         print(f"  data: pool of {len(p.data.pool_x)} training candidates of shape {p.data.input_shape}, "
               f"{p.data.n_out} outputs; test set {len(p.data.test_x)}")
     print(f"  sizes: {r.resolved_sizes}; {r.draws} draws each; kernels {r.kernels}; times {r.times}; diag_reg {r.diag_reg:g}")
-    print(f"  models: " + ", ".join(f"{m.name} ({m.arch}, {m.group}, {m.basis}, {m.augmentation})" for m in cfg.model_specs))
+    print("  models: " + ", ".join(f"{m.name} ({m.arch}, {m.group}, {m.basis}, {m.augmentation})" for m in cfg.model_specs))
     return 0
 
 
@@ -315,12 +313,12 @@ def cmd_run(path: Path, out: Optional[Path], address: Optional[str], analysis: b
     store.lock()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        from .store import _atomic_write, versions
+        from .store import versions
 
         p.data.save(out / "inputs.npz")
-        _atomic_write(out / "study.yaml", p.text.encode())
-        _atomic_write(out / "versions.json", json.dumps(versions(), indent=2).encode())
-        _atomic_write(out / "study.json", json.dumps(p.resolved, indent=2, sort_keys=True).encode())
+        atomic_write(out / "study.yaml", p.text.encode())
+        atomic_write(out / "versions.json", json.dumps(versions(), indent=2).encode())
+        atomic_write(out / "study.json", json.dumps(p.resolved, indent=2, sort_keys=True).encode())
         t0 = time.perf_counter()
         print(f"kernels: {len(p.cfg.model_specs)} models, pool {len(p.data.pool_x)}, test {len(p.data.test_x)}")
         compute_kernels(out, p, address)
@@ -380,7 +378,6 @@ def analyze(out: Path) -> None:
     """Learning curves from the cached kernels: the Parquet/CSV tables."""
     from analysis.regression import learning_curves, paired_differences, summarize
 
-    from .store import atomic_path
 
     out = Path(out)
     cfg, data, specs, kernels = _load(out)

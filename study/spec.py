@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from .groups import SO3_NAME, Group, group_name, parse_group
+from .groups import SO3_NAME, group_name, parse_group
 
 Arch = Literal["mlp", "cnn", "gcnn", "group_mlp", "so3_gcnn", "sphere_mlp"]
 Padding = Literal["circular", "zero", "valid"]

@@ -18,14 +18,12 @@ duplicates one. docs/results.md documents the columns (``PART_SCHEMA`` below).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import io
 import json
 import os
 import platform
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -33,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write
 from .config import StudyError
-from .groups import Group
 from .grid import UnitSpec
 
 # Columns of every part file; ``model`` and ``width`` come from the directory names.
@@ -154,32 +152,6 @@ class PartWriter:
             pass
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see all of it or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_path(path: os.PathLike | str):
-    """A temp path beside ``path`` to write to; renamed onto ``path`` when the block succeeds,
-    removed when it fails, so readers see the whole file or none. The temp name keeps the
-    suffix, so writers that infer the format from it (``savefig``) still do."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class ResultStore:
     def __init__(self, root: os.PathLike | str):
         self.root = Path(root)
@@ -232,10 +204,10 @@ class ResultStore:
         """Write the study, its arrays and the versions (once; a resumed run keeps them)."""
         self.root.mkdir(parents=True, exist_ok=True)
         data.save(self.root / "inputs.npz")
-        _atomic_write(self.root / "study.yaml", study_text.encode())
-        _atomic_write(self.root / "versions.json", json.dumps(versions(), indent=2).encode())
+        atomic_write(self.root / "study.yaml", study_text.encode())
+        atomic_write(self.root / "versions.json", json.dumps(versions(), indent=2).encode())
         # study.json last: its presence marks a fully initialised directory.
-        _atomic_write(self.root / "study.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
+        atomic_write(self.root / "study.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
 
     def resolved_study(self) -> dict:
         return json.loads((self.root / "study.json").read_text())
@@ -250,11 +222,11 @@ class ResultStore:
         return self.part_path(unit).is_file()
 
     def commit(self, unit: UnitSpec, part: bytes, record: dict) -> None:
-        _atomic_write(self.part_path(unit), part)
-        _atomic_write(self.record_path(unit.unit_id), json.dumps(record, indent=1, sort_keys=True).encode())
+        atomic_write(self.part_path(unit), part)
+        atomic_write(self.record_path(unit.unit_id), json.dumps(record, indent=1, sort_keys=True).encode())
 
     def record_failure(self, unit: UnitSpec, record: dict) -> None:
-        _atomic_write(self.record_path(unit.unit_id), json.dumps(record, indent=1, sort_keys=True).encode())
+        atomic_write(self.record_path(unit.unit_id), json.dumps(record, indent=1, sort_keys=True).encode())
 
     def record(self, unit_id: str) -> Optional[dict]:
         p = self.record_path(unit_id)
@@ -276,7 +248,7 @@ class ResultStore:
     def clean_temp_files(self) -> int:
         """Remove temp files a killed driver left behind (never complete parts)."""
         n = 0
-        for p in self.root.rglob(".*.tmp"):
+        for p in self.root.rglob(".*.tmp*"):  # study.atomic's temp names
             p.unlink(missing_ok=True)
             n += 1
         return n

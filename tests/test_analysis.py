@@ -11,7 +11,6 @@ and one failed, as the runner records them.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import compare, pipeline, theory
+from analysis import pipeline, theory
 from analysis.predict import predict_as_trained
 from study.cli import resolved_study
 from study.config import parse_study
