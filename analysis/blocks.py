@@ -18,6 +18,9 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import ray
+
+from .kernels import kernel_fn
 
 __all__ = ["blocked_kernel", "blocked_kernel_fn", "ensure_ray", "block_ranges"]
 
@@ -25,8 +28,6 @@ _ENGINES: dict = {}  # per process: (engine, spec json, shape, n_out) -> KernelF
 
 
 def _default_engine(spec, input_shape, n_out):
-    from .kernels import kernel_fn
-
     return kernel_fn(spec, input_shape, n_out)
 
 
@@ -57,7 +58,6 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
 
     Does nothing when Ray is already initialised (the caller then owns its shutdown).
     """
-    import ray
 
     if ray.is_initialized():
         return
@@ -112,7 +112,6 @@ def blocked_kernel(
             place(i, j, compute_block(engine, spec, tuple(input_shape), n_out, *args(i, j, a_blocks, b_blocks), get))
         return out
 
-    import ray
 
     ensure_ray(address)
     remote = ray.remote(num_cpus=1)(compute_block)

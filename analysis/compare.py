@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+from scipy.optimize import brentq
 
 from study.spec import ModelSpec
 
@@ -98,8 +99,6 @@ def t_null_pooled(members) -> tuple[float, float]:
 
     def below(x):  # P(|z| < x) under the mixture
         return float(np.sum(w * (2 * sps.t.cdf(x, dof) - 1)))
-
-    from scipy.optimize import brentq
 
     return float(brentq(lambda x: below(x) - 0.5, 1e-9, 100.0)), below(2.0)
 

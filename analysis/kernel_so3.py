@@ -33,7 +33,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from study.sphere import SO3Spec, SphereMLPSpec, degree_slice, dh_grid, sht, so3_grid
+from study.sphere import SO3Spec, SphereMLPSpec, degree_slice, dh_grid, sht, so3_analysis, so3_grid, so3_synthesis
 
 from .kernel_nonlin import gaussian_factors
 
@@ -193,8 +193,6 @@ class _RelOps:
     """Synthesis ``[F, P]``, analysis ``[P, F]`` and the value at the identity ``[F]`` per band limit."""
 
     def __init__(self, B: int, bands):
-        from study.sphere import so3_analysis, so3_synthesis
-
         grid = so3_grid(B)
         self.w = _t(grid.weights)
         self.d = [_t(d) for d in grid.wigner(max(bands) - 1)]

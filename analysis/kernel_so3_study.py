@@ -25,7 +25,13 @@ import torch
 
 from study.spec import ModelSpec, sphere_spec
 
-from .kernel_so3 import orbit_averaged_sphere_mlp_kernel, so3_kernel_fn, sphere_inner_products, sphere_mlp_kernel_fn
+from .kernel_so3 import (
+    _mlp_from_sigma0,
+    orbit_averaged_sphere_mlp_kernel,
+    so3_kernel_fn,
+    sphere_inner_products,
+    sphere_mlp_kernel_fn,
+)
 
 __all__ = ["ORBIT_B_Q", "SO3KernelFn", "so3_study_kernel_fn", "orbit_quadrature_error"]
 
@@ -70,7 +76,6 @@ class SO3KernelFn:
     def _paired(self, x1, x2) -> tuple[torch.Tensor, torch.Tensor]:
         """(NNGP, NTK) ``[N]`` of the pairs ``(x1_i, x2_i)``."""
         if self.kind == "sphere_mlp":  # closed form per pair
-            from .kernel_so3 import _mlp_from_sigma0
 
             L = self.spec.L_in
             s = torch.stack([sphere_inner_products(a[None], b[None], L)[0, 0] for a, b in zip(x1, x2)])

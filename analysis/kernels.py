@@ -29,6 +29,7 @@ from study.groups import Group
 from study.spec import ModelSpec
 
 from . import kernel_scratch as scratch
+from .kernel_so3_study import so3_study_kernel_fn
 from .stax import Meta, Pairs, build_rules, var_of
 
 __all__ = ["KernelFn", "kernel_fn", "orbit_averaged", "mean_kernel_fn"]
@@ -258,7 +259,6 @@ def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, ro
     """
     input_shape = tuple(int(s) for s in input_shape)
     if spec.so3:  # group SO3: analysis.kernel_so3 through the study adapter
-        from .kernel_so3_study import so3_study_kernel_fn
 
         return so3_study_kernel_fn(spec, input_shape, n_out)
     plan = layer_plan(spec, input_shape, n_out)
@@ -319,8 +319,6 @@ def mean_kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, 
     (THEORY section 6), else the model's own kernel. A ``sphere_mlp`` with ``augmentation:
     random`` gets its SO(3) orbit average (``analysis.kernel_so3_study``; docs/so3.md)."""
     if spec.so3:
-        from .kernel_so3_study import so3_study_kernel_fn
-
         return so3_study_kernel_fn(spec, input_shape, n_out, orbit_average=spec.augmentation != "none")
     kf = kernel_fn(spec, input_shape, n_out, **kwargs)
     if spec.arch in ("mlp", "cnn") and spec.augmentation != "none":

@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from . import kernels
+
 __all__ = ["GDPredictor", "Prediction", "UnstableLearningRate", "augment_full_orbit", "predict_as_trained"]
 
 # A kernel matrix of Theta(X,X) whose smallest eigenvalue is below -_PSD_RTOL * lam_max is
@@ -313,8 +315,8 @@ def predict_as_trained(
     ``kernel_fn(spec, input_shape, n_out)`` and ``mean_kernel_fn`` have the signatures of
     ``analysis.kernels`` (the defaults); ``blocks.blocked_kernel_fn`` wraps them for Ray.
     """
-    if kernel_fn is None:
-        from .kernels import kernel_fn
+    kernel_fn = kernel_fn or kernels.kernel_fn
+    mean_kernel_fn = mean_kernel_fn or kernels.mean_kernel_fn
     x_train = np.asarray(x_train, dtype=np.float64)
     x_test = np.asarray(x_test, dtype=np.float64)
     y = np.asarray(y_train, dtype=np.float64)
@@ -343,15 +345,11 @@ def predict_as_trained(
         # SO(3): no finite orbit to augment with. With a fresh independent rotation per sample
         # and step and a jointly invariant NTK, the mean follows kernel GD with the orbit-averaged
         # kernel on the N originals (docs/so3.md, "The SO(3) study"); no closed-form variance.
-        if mean_kernel_fn is None:
-            from .kernels import mean_kernel_fn
         mean, var = on(mean_kernel_fn, spec, x_train, y, False)
     elif aug in ("full_orbit", "random"):
         x_aug, y_aug = augment_full_orbit(spec, x_train, y)
         want_var = variance and aug == "full_orbit"
         if use_orbit_mean:
-            if mean_kernel_fn is None:
-                from .kernels import mean_kernel_fn
             mean, _ = on(mean_kernel_fn, spec, x_train, y, False)
             var = on(kernel_fn, own, x_aug, y_aug, True)[1] if want_var else None
         else:

@@ -39,9 +39,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse, stats
 
 from study.atomic import atomic_savez, atomic_write
 from study.seeds import derive_seed
+from study.spec import sphere_spec
+
+from .blocks import blocked_kernel
+from .kernel_so3 import so3_kernel_fn, sphere_mlp_kernel_fn
+from .kernels import mean_kernel_fn
+from .predict import GDPredictor
 
 __all__ = [
     "mean_engine", "kernel_key", "cached_kernels", "draw_indices", "predict_curve",
@@ -54,8 +61,6 @@ KERNEL_NAMES = ("nngp", "ntk")
 
 def mean_engine(spec, input_shape, n_out):
     """The engine for ``analysis.blocks``: the kernel of the analytic ensemble mean."""
-    from .kernels import mean_kernel_fn
-
     return mean_kernel_fn(spec, input_shape, n_out)
 
 
@@ -82,7 +87,7 @@ def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return cache_dir / f"{key}.npz", cache_dir / f"{key}.json"
 
 
-def _from_cache(cache_dir: Path, key: str, n_pool: int, n_test: int, name: str, log) -> Optional[dict]:
+def load_cached_kernels(cache_dir: Path, key: str, n_pool: int, n_test: int, name: str, log) -> Optional[dict]:
     path, meta_path = _cache_paths(cache_dir, key)
     if not (path.is_file() and meta_path.is_file()):
         return None
@@ -116,11 +121,9 @@ def cached_kernels(
 ) -> dict:
     """``{"nngp_pool", "ntk_pool", "nngp_test", "ntk_test", "seconds", "cached"}`` for one spec,
     from the cache when present, else computed in blocks and written there (atomically)."""
-    from .blocks import blocked_kernel
-
     digest = inputs_digest(pool_x, test_x)
     key = kernel_key(spec, n_out, digest)
-    hit = _from_cache(cache_dir, key, len(pool_x), len(test_x), spec.name, log)
+    hit = load_cached_kernels(cache_dir, key, len(pool_x), len(test_x), spec.name, log)
     if hit is not None:
         return hit
     shape = tuple(pool_x.shape[1:])
@@ -142,8 +145,6 @@ def molecule_matrix(mask: np.ndarray):
     """The sparse atom-to-molecule matrix ``A [N, n_atoms]`` (CSR) of a padded atom ``mask [N, A]``:
     ``A[m, i] = 1`` when the ``i``-th real atom (row-major order of ``mask``, i.e. the order of
     ``x[mask]``) belongs to molecule ``m``."""
-    from scipy import sparse
-
     mask = np.asarray(mask, dtype=bool)
     rows = np.nonzero(mask)[0]
     return sparse.csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(mask.shape[0], len(rows)))
@@ -165,14 +166,10 @@ class _SphereKernel:
     ``sphere_mlp``: ``sphere_mlp_kernel_fn``) on single-atom signals ``[C, 2L, 2L]``."""
 
     def __init__(self, spec, input_shape, n_out):
-        from study.spec import sphere_spec
-
         self.arch, self.mode = spec.arch, spec.kernel_mode or "grid"
         self.sspec = sphere_spec(spec, tuple(input_shape), n_out)
 
     def __call__(self, x1, x2=None, get=KERNEL_NAMES):
-        from .kernel_so3 import so3_kernel_fn, sphere_mlp_kernel_fn
-
         get = (get,) if isinstance(get, str) else tuple(get)
         if self.arch == "so3_gcnn":
             nngp, ntk = so3_kernel_fn(self.sspec, x1, x2, mode=self.mode)
@@ -208,7 +205,6 @@ def atom_engine(spec, input_shape, n_out):
     model ``mean_kernel_fn``."""
     if getattr(spec, "so3", False):
         return _SphereKernel(spec, input_shape, n_out)
-    from .kernels import mean_kernel_fn
 
     return mean_kernel_fn(spec, input_shape, n_out)
 
@@ -234,12 +230,10 @@ def cached_molecule_kernels(
     and test atoms x pool atoms in blocks of ``block_size`` atoms, then summed over each
     molecule's atoms (:func:`molecule_kernel`). Same cache layout and keys as
     :func:`cached_kernels` (engine ``molecule_sum``; the key covers the masks)."""
-    from .blocks import blocked_kernel
-
     pool_mask, test_mask = np.asarray(pool_mask, dtype=bool), np.asarray(test_mask, dtype=bool)
     digest = inputs_digest(pool_x, test_x, pool_mask, test_mask)
     key = kernel_key(spec, n_out, digest, engine="molecule_sum")
-    hit = _from_cache(cache_dir, key, len(pool_x), len(test_x), spec.name, log)
+    hit = load_cached_kernels(cache_dir, key, len(pool_x), len(test_x), spec.name, log)
     if hit is not None:
         return hit
     pool_atoms, test_atoms = np.asarray(pool_x[pool_mask]), np.asarray(test_x[test_mask])
@@ -279,8 +273,6 @@ def normalised(k_pool: np.ndarray, k_test: np.ndarray) -> tuple[np.ndarray, np.n
 def predict_curve(k_pool, k_test, y_pool, idx, times: Sequence[float], diag_reg: float) -> np.ndarray:
     """Mean predictions ``[len(times), n_test, n_out]`` from the training subset ``idx``
     (kernels already normalised)."""
-    from .predict import GDPredictor
-
     p = GDPredictor(k_pool[np.ix_(idx, idx)], None, y_pool[idx], diag_reg=diag_reg)
     return p.mean(k_test[:, idx], times=list(times))
 
@@ -369,8 +361,6 @@ def learning_curves(
 
 def ci95(values) -> tuple[float, float, float]:
     """Mean and Student-t 95% interval over draws (``nan`` bounds with one draw)."""
-    from scipy import stats
-
     v = np.asarray(values, dtype=np.float64)
     m = float(v.mean())
     if len(v) < 2:

@@ -9,7 +9,11 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
+
+matplotlib.use("Agg")  # files only, no display; before pyplot loads
+import matplotlib.pyplot as plt  # noqa: E402
 
 from study.atomic import atomic_path
 
@@ -36,11 +40,6 @@ _PLOTTED = {False: (("test_accuracy", "test accuracy"), ("test_mse", "test MSE")
 
 
 def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     regression = "test_mae" in summary.columns
     plotted = _PLOTTED[regression]
     panels = list(dict.fromkeys(zip(summary.kernel, summary.time)))

@@ -41,6 +41,7 @@ from study.architecture import (
     Lift,
     Nonlin,
 )
+from study.bases import domain_permutation, filter_basis
 from study.groups import Group
 
 from . import kernel_scratch as scratch
@@ -51,7 +52,7 @@ __all__ = ["Pairs", "Meta", "build_rules", "var_of"]
 
 # A basis covariance counts as right invariant when it is so up to this relative error
 # (round-off of the covariance sum). escnn's bases, symmetrised in float64 by
-# workers.bases, are right invariant for C1..D4 (the group permutes the grid); for other n
+# study.bases, are right invariant for C1..D4 (the group permutes the grid); for other n
 # escnn's float32 sampling breaks it at ~1e-8, and the kernel then takes the full route,
 # exact for the model as sampled.
 _RIGHT_INV_RTOL = 1e-12
@@ -624,8 +625,6 @@ def build_rules(plan: list[Layer], input_shape: tuple[int, ...], group: Group, r
     """
     if route not in ("auto", "basis", "basis_full"):
         raise ValueError(f"route: unknown {route!r}; use auto, basis or basis_full")
-    from workers.bases import domain_permutation, filter_basis
-
     if len(input_shape) == 3:
         meta = Meta("input", 1, input_shape[1], input_shape[2], d=input_shape[0])
     else:

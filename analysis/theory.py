@@ -22,16 +22,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
+import os
+import pickle
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from study.atomic import atomic_savez
+from study.config import StudyConfig
+from study.data import StudyData
 from study.spec import ModelSpec
-from study.store import ResultStore
+
+from . import kernels
+from .kernel_so3_study import ORBIT_B_Q, orbit_quadrature_error
+from .predict import Prediction, UnstableLearningRate, predict_as_trained
 
 _FORMAT = 1  # bump when the cached arrays change meaning
 
@@ -85,8 +95,8 @@ def orbit_points(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
 # Source files whose code decides the analytic numbers: the kernel engine (every analysis
 # module but the comparison and reporting ones), the predictor, this module, and what they
 # read from study/ and workers/ (layer plans, group actions, filter bases).
-_NOT_THEORY = {"__init__.py", "empirical.py", "compare.py", "report.py", "pipeline.py"}
-_THEORY_DEPS = ["study/architecture.py", "study/groups.py", "study/spec.py", "study/sphere.py", "workers/bases.py"]
+_NOT_THEORY = {"__init__.py", "empirical.py", "compare.py", "report.py"}
+_THEORY_DEPS = ["study/architecture.py", "study/groups.py", "study/spec.py", "study/sphere.py", "study/bases.py"]
 
 
 def _code_digest() -> str:
@@ -110,8 +120,8 @@ def cache_key(spec: ModelSpec, lr: float, steps: list[int], data_digest: str) ->
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_path(out: Path, model: str, lr: float) -> Path:
-    return Path(out) / "analysis" / f"theory-{model}-{float(lr):g}.npz"
+def cache_path(cache_dir: Path, model: str, lr: float) -> Path:
+    return Path(cache_dir) / f"theory-{model}-{float(lr):g}.npz"
 
 
 class _ReuseTrainKernel:
@@ -124,9 +134,7 @@ class _ReuseTrainKernel:
     """
 
     def __init__(self, kernel_fn: Optional[Callable]):
-        if kernel_fn is None:
-            from .kernels import kernel_fn
-        self.kernel_fn = kernel_fn
+        self.kernel_fn = kernel_fn or kernels.kernel_fn
 
     def __call__(self, spec, input_shape, n_out):
         base = self.kernel_fn(spec, input_shape, n_out)
@@ -164,8 +172,6 @@ class _ReuseTrainKernel:
 
 
 def _predict(spec, data, x_test, lr, steps, kernel_fn):
-    from .predict import predict_as_trained
-
     return predict_as_trained(spec, data.train_x, data.train_y, x_test, lr=lr, steps=steps,
                               kernel_fn=_ReuseTrainKernel(kernel_fn))
 
@@ -184,8 +190,6 @@ def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn
     invariance before the values are copied along the orbits (otherwise every orbit point is
     computed).
     """
-    from .predict import UnstableLearningRate
-
     th = Theory(model=spec.name, lr=float(lr), steps=list(steps))
     if no_counterpart(spec):
         th.error, th.applicable = no_counterpart(spec), False
@@ -232,7 +236,6 @@ def _so3_note(spec: ModelSpec, data) -> str:
         return f"own kernel, {spec.kernel_mode or 'grid'} mode (SOFT B={spec.so3_grid}); mean and variance"
     if spec.augmentation == "none":
         return "own kernel; mean and variance"
-    from .kernel_so3_study import ORBIT_B_Q, orbit_quadrature_error
 
     err = orbit_quadrature_error(spec, data.train_x, data.n_out)
     return (f"mean: kernel GD with the SO(3) orbit-averaged NTK (SOFT B_q={ORBIT_B_Q}, quadrature error "
@@ -255,8 +258,6 @@ def _invariant(p, n_base: int, firsts, order: int) -> bool:
 
 def _along_orbits(p, n_base: int, order: int):
     """One point per orbit -> every orbit point (row ``i |G| + g``), dropping the probes."""
-    from .predict import Prediction
-
     return Prediction(mean=np.repeat(p.mean[:, :n_base], order, axis=1),
                       variance=np.repeat(p.variance[:, :n_base], order, axis=1))
 
@@ -296,8 +297,6 @@ def _cost_guess(spec: ModelSpec) -> float:
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -306,9 +305,12 @@ def _compute_job(args) -> Theory:
     return compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn)
 
 
-def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
+def study_theory(cfg: StudyConfig, steps: list[int], data_digest: str, load_data: Callable[[], StudyData],
+                 cache_dir: Path, kernel_fn: Optional[Callable] = None, log=print,
                  workers: Optional[int] = None) -> dict[tuple[str, float], Theory]:
-    """``{(model, lr): Theory}`` for every model and lr of the study in ``out``, from the cache when valid.
+    """``{(model, lr): Theory}`` for every model and lr of ``cfg`` at the logged ``steps``, from
+    the cache in ``cache_dir`` when valid (keyed by ``data_digest``); ``load_data()`` gives the
+    study's arrays when something must be computed.
 
     Predictions not in the cache are computed in ``workers`` processes (default: one per CPU,
     at most one per job); the kernel engine must then be picklable, otherwise they are
@@ -316,17 +318,7 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
     is cached like a result; any other failure is not, so a fixed kernel engine is retried.
     A model without an analytic counterpart (``no_counterpart``) is neither computed nor cached.
     """
-    import os
-    import pickle
-
-    from study.config import StudyConfig
-
-    out = Path(out)
-    store = ResultStore(out)
-    resolved = store.resolved_study()
-    cfg = StudyConfig(**resolved["config"])
-    steps = list(resolved["log_steps"])
-    digest = resolved["data_digest"]
+    steps, digest = list(steps), data_digest
     result, todo = {}, []
     for spec in cfg.model_specs:
         for lr in cfg.lrs_of(spec.name):
@@ -335,13 +327,13 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
                                                         error=no_counterpart(spec), applicable=False)
                 continue
             key = cache_key(spec, lr, steps, digest)
-            th = _load(cache_path(out, spec.name, lr), key, spec.name, lr)
+            th = _load(cache_path(cache_dir, spec.name, lr), key, spec.name, lr)
             if th is None:
                 todo.append((spec, float(lr), key))
             result[(spec.name, float(lr))] = th
     if not todo:
         return result
-    data = store.load_data()
+    data = load_data()
     todo.sort(key=lambda job: -_cost_guess(job[0]))
     cpus = os.cpu_count() or 1
     workers = min(workers or cpus, len(todo))
@@ -353,7 +345,7 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
 
     def finish(spec, lr, key, th):
         if th.ok or th.error.startswith("unstable"):
-            _save(cache_path(out, spec.name, lr), key, th)
+            _save(cache_path(cache_dir, spec.name, lr), key, th)
         log(f"theory {spec.name} lr={lr:g}: " + (f"{th.seconds:.1f} s" if th.ok else th.error)
             + (f" ({th.note})" if th.note else ""))
         result[(spec.name, lr)] = th
@@ -362,9 +354,6 @@ def study_theory(out: Path, kernel_fn: Optional[Callable] = None, log=print,
         for spec, lr, key in todo:
             finish(spec, lr, key, compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn))
         return result
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     # spawn: a fresh interpreter per worker, never a fork of a process that holds torch or Ray threads
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(max(1, cpus // workers),)) as pool:

@@ -3,7 +3,7 @@
 For each model family of tests/test_kernels_vs_finite.py (by default), finite networks at
 widths 16 ... 1024 (group models up to ``--max-channels`` channels, i.e. width x |G|) and
 ``--seeds`` initialisations give the empirical NTK and the NNGP estimate
-(``analysis.kernel_empirical``). With ``Theta`` the analytic kernel, per width:
+(``workers.empirical_ntk``). With ``Theta`` the analytic kernel, per width:
 
 - ``r``: rms over initialisations of ``||Theta_s - Theta|| / ||Theta||`` (one network);
   THEORY: ``r^2 = O(1/width)``, so the fitted slope of ``log r`` against ``log width`` is -1/2;
@@ -29,7 +29,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from analysis.kernel_empirical import single_init  # noqa: E402
+from workers.empirical_ntk import single_init  # noqa: E402
 from analysis.kernels import kernel_fn  # noqa: E402
 from study.spec import ModelSpec  # noqa: E402
 from test_kernels_vs_finite import FAMILIES  # noqa: E402

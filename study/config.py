@@ -11,10 +11,12 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from .spec import ModelSpec
+from .groups import SO3_NAME, Group, group_name
+from .spec import ModelSpec, check_model_input
 
 
 class StudyError(ValueError):
@@ -58,8 +60,6 @@ class RotatedDigitsSource(_Strict):
     @field_validator("group")
     @classmethod
     def _group(cls, v):
-        from .groups import Group
-
         return None if v is None else Group.parse(v).name
 
 
@@ -287,7 +287,6 @@ class RegressionConfig(_Strict):
     def resolved_sizes(self) -> list[int]:
         if isinstance(self.sizes, list):
             return sorted(self.sizes)
-        import numpy as np
 
         return sorted({int(round(s)) for s in np.geomspace(self.sizes.min, self.sizes.max, self.sizes.count)})
 
@@ -371,8 +370,6 @@ class StudyConfig(_Strict):
     @field_validator("group")
     @classmethod
     def _group(cls, v: str) -> str:
-        from .groups import group_name
-
         return group_name(v)
 
     @model_validator(mode="after")
@@ -497,8 +494,6 @@ class StudyConfig(_Strict):
     def check_inputs(self, input_shape: tuple, origin: str, n_train: Optional[int] = None) -> None:
         """Raise StudyError when a model cannot take inputs of ``input_shape`` (no batch axis),
         or (given ``n_train``, the number of training samples) its SGD batch is larger than its training set."""
-        from .spec import check_model_input
-
         for i, spec in enumerate(self.model_specs):
             try:
                 check_model_input(spec, input_shape, n_train)
@@ -525,8 +520,6 @@ class StudyConfig(_Strict):
         if isinstance(self.log_steps, list):
             steps = set(self.log_steps)
         else:
-            import numpy as np
-
             steps = {int(round(s)) for s in np.geomspace(1, self.steps, self.log_steps.count)}
         steps.add(0)
         return sorted(steps)
@@ -537,8 +530,6 @@ class StudyConfig(_Strict):
 
 
 def _is_so3(group) -> bool:
-    from .groups import SO3_NAME, group_name
-
     try:
         return group_name(group) == SO3_NAME
     except ValueError:

@@ -12,10 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import map_coordinates
+from sklearn.datasets import load_digits, load_sample_images
 
 from .atomic import atomic_savez
 from .config import DataConfig, StudyError
+from .groups import Group
 from .seeds import derive_seed
+from .sphere import band_limited_noise, dh_grid, isht, random_rotations, rotate_coeffs, sht
 
 
 @dataclass
@@ -58,7 +64,6 @@ class StudyData:
 
 # ----- sources ---------------------------------------------------------------------------
 def _digits(src, seed: int):
-    from sklearn.datasets import load_digits
 
     d = load_digits()
     order = np.random.default_rng(derive_seed("digits-order", seed)).permutation(len(d.target))
@@ -74,8 +79,6 @@ def _rotated_digits(src, seed: int, group: str):
     """Digits in the ``digits`` order, digit ``i`` (of that order) turned by a group element
     drawn once per digit from the study seed, so a digit looks the same in every source that
     includes it."""
-    from .groups import Group
-
     g = Group.parse(src.group or group)
     x, labels, classes = _digits(src, seed)
     if not g.acts_exactly_on_grid():
@@ -138,9 +141,6 @@ def _npz(src, base: Path):
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
     t = torch.from_numpy(x)
     return F.interpolate(t, size=(size, size), mode="area" if size < x.shape[-1] else "bilinear").numpy()
 
@@ -164,7 +164,6 @@ def _ring(src, seed: int):
 
 
 def _photo_patches(src, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    from sklearn.datasets import load_sample_images
 
     if len(shape) != 3:
         raise StudyError("data.eval: sample_images patches need image training data (C, H, W)")
@@ -202,10 +201,6 @@ def _project_to_sphere(images: np.ndarray, L: int) -> np.ndarray:
     digit (sampling on the coarse grid directly would alias its sharp edges into the low
     degrees). The result is exactly band-limited, so ``rotate_signal`` acts on it exactly.
     """
-    from scipy.ndimage import map_coordinates
-
-    from .sphere import dh_grid, isht, sht
-
     fine = dh_grid(max(_FINE_L, 4 * L))
     x, y, z = (fine.xyz[..., i] for i in range(3))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -233,8 +228,6 @@ def _sphere_L(src, L_train) -> int:
 def _spherical_digits(src, seed: int, L: int):
     """The ``digits`` (same seeded order) on the sphere; ``rotate``: each turned by a Haar
     rotation drawn once per digit (for all 1797, so a digit looks the same in every set)."""
-    from .sphere import dh_grid, isht, random_rotations, rotate_coeffs, sht
-
     x, labels, classes = _digits(src, seed)
     out = _project_to_sphere(x[:, 0], L)
     if src.rotate:
@@ -246,14 +239,11 @@ def _spherical_digits(src, seed: int, L: int):
 
 def _sphere_noise(src, seed: int, name: str, L: int) -> np.ndarray:
     """White noise band-limited to degrees ``< L``: i.i.d. N(0, 1) real SH coefficients."""
-    from .sphere import band_limited_noise
-
     return band_limited_noise(src.n, 1, L, derive_seed("sphere-noise", seed, name))
 
 
 def _sphere_photos(src, seed: int, L: int) -> np.ndarray:
     """Grey ``patch x patch`` crops of scikit-learn's sample photographs, projected like the digits."""
-    from sklearn.datasets import load_sample_images
 
     photos = [im.astype(np.float64).mean(axis=2) for im in load_sample_images().images]
     rng = np.random.default_rng(derive_seed("sphere-photos", seed))
@@ -280,8 +270,6 @@ def _normalize_sphere(x: np.ndarray) -> np.ndarray:
     So the normalised data stay band-limited, rotations stay exact, and
     ``Sigma0(x, x) = 1`` for the sphere MLP as for the image models.
     """
-    from .sphere import dh_grid
-
     w = dh_grid(x.shape[-1] // 2).weights
     mean = np.einsum("ncjk,jk->n", x, w) / x.shape[1]
     x = x - mean[:, None, None, None]

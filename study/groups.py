@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import torch
+
+from .seeds import derive_seed
+from .sphere import dh_grid, random_rotations, rotate_signal
 
 _NAME = re.compile(r"^([CD])(\d+)$")
 
@@ -138,28 +142,10 @@ class Group:
         """``[..., C, m] -> [..., |G|, C, m]``."""
         return _stack([self.act_ring(x, g) for g in range(self.order)], x, axis=-3)
 
-    # ----- escnn -----------------------------------------------------------------
-    def escnn_gspace(self, base: str = "R2"):
-        """The escnn gspace with this group: on the plane, or with no base space."""
-        from escnn import gspaces
-
-        if base == "R2":
-            if self.dihedral:
-                return gspaces.flipRot2dOnR2(self.n)
-            return gspaces.rot2dOnR2(self.n)
-        if base == "none":
-            from escnn import group as eg
-
-            grp = eg.dihedral_group(self.n) if self.dihedral else eg.cyclic_group(self.n)
-            return gspaces.no_base_space(grp)
-        raise ValueError(f"unknown base space {base!r}")
-
 
 def _stack(items, like, axis: int):
     if isinstance(like, np.ndarray):
         return np.stack(items, axis=axis)
-    import torch
-
     return torch.stack(items, dim=axis)
 
 
@@ -213,9 +199,6 @@ class SO3Group:
     @cached_property
     def matrices(self) -> np.ndarray:
         """The logged rotations ``[K, 3, 3]``, identity first (read-only)."""
-        from .seeds import derive_seed
-        from .sphere import random_rotations
-
         rest = random_rotations(self.rotations - 1, derive_seed("so3-logged-rotations", self.rotations))
         out = np.concatenate([np.eye(3)[None], rest])
         out.setflags(write=False)
@@ -232,14 +215,11 @@ class SO3Group:
 
         ``R [*b, 3, 3]`` broadcasts against ``x.shape[:-2]``.
         """
-        from .sphere import dh_grid, rotate_signal
-
         h, w = x.shape[-2], x.shape[-1]
         if h != w or h % 2:
             raise ValueError(f"group SO3 acts on DH grids [2L, 2L], got {h}x{w}")
         if isinstance(x, np.ndarray):
             return rotate_signal(x, R, dh_grid(h // 2))
-        import torch
 
         out = rotate_signal(x.detach().cpu().to(torch.float64).numpy(), R, dh_grid(h // 2))
         return torch.as_tensor(out, dtype=x.dtype, device=x.device)

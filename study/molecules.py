@@ -522,6 +522,7 @@ def _parse_method(method: str) -> tuple[str, str]:
 
 
 def _pyscf():
+    # deferred: PySCF is an optional extra (only the built-in conformer set needs it)
     try:
         import pyscf  # noqa: F401
         from pyscf import dft, gto, scf
@@ -578,7 +579,8 @@ def _pyscf_threads(n: Optional[int]):
     if n is None:
         yield
         return
-    import pyscf.lib  # noqa: F401  (loads PySCF's OpenMP runtime, so the limit reaches it)
+    # deferred: PySCF is an optional extra; loading it brings its OpenMP runtime, so the limit reaches it
+    import pyscf.lib  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=n):

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from .groups import SO3_NAME, group_name, parse_group
+from .sphere import SO3Spec, SphereMLPSpec
 
 Arch = Literal["mlp", "cnn", "gcnn", "group_mlp", "so3_gcnn", "sphere_mlp"]
 Padding = Literal["circular", "zero", "valid"]
@@ -276,8 +277,6 @@ def sphere_spec(spec: ModelSpec, input_shape: tuple[int, ...], n_out: int):
     and ``n_out`` outputs: the one definition the finite model (``workers.models``) and the
     analytic kernel (``analysis.kernels``) both read. ``bias: false`` means ``sigma_b = 0``
     (the bias parameters then exist with zero gradient); ``readout_sigma_w`` defaults to ``sigma_w``."""
-    from .sphere import SO3Spec, SphereMLPSpec
-
     if not spec.so3:
         raise ValueError(f"arch: {spec.arch} is not an SO(3) model (so3_gcnn, sphere_mlp)")
     check_model_input(spec, tuple(input_shape))

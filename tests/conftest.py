@@ -53,7 +53,7 @@ def refused(capsys):
     exit code 2, one line on stderr naming every word in ``words``, nothing written at ``out``."""
 
     def check(study, out, words):
-        from study.cli import main
+        from eqntk.cli import main
 
         code = main(["run", str(study), "--out", str(out), "--no-progress"])
         err = capsys.readouterr().err.strip()

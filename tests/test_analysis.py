@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import pipeline, theory
+from analysis import theory
+from eqntk import pipeline
 from analysis.predict import predict_as_trained
-from study.cli import resolved_study
+from eqntk.cli import resolved_study
 from study.config import parse_study
 from study.data import build_data
 from study.grid import expand
-from study.store import PartWriter, ResultStore
+from eqntk.store import PartWriter, ResultStore
 
 TINY = """
 name: tiny-analysis
@@ -153,7 +154,7 @@ def _spec(name):
 
 def _theory(out: Path, name: str) -> theory.Theory:
     cfg = parse_study(textwrap.dedent(TINY))
-    return theory._load(theory.cache_path(out, name, cfg.lr),
+    return theory._load(theory.cache_path(pipeline.analysis_dir(out), name, cfg.lr),
                         theory.cache_key(_spec(name), cfg.lr, cfg.resolved_log_steps, ResultStore(out).resolved_study()["data_digest"]),
                         name, cfg.lr)
 
@@ -279,7 +280,7 @@ def test_theory_cache_reused_and_invalidated(results, analysed, tmp_path):
     th = read(results, "theory")
     assert th["cached"].all() and (th["status"] == "ok").all()
     # a corrupt cache file is recomputed, not trusted
-    path = theory.cache_path(results, "mlp_plain", 0.5)
+    path = theory.cache_path(pipeline.analysis_dir(results), "mlp_plain", 0.5)
     path.write_bytes(b"not an npz")
     calls = []
 
@@ -356,7 +357,7 @@ def test_real_study_end_to_end(tmp_path):
     """``eqntk run`` trains, analyses with the real kernel engine and writes the report."""
     pytest.importorskip("analysis.kernels")
     pytest.importorskip("workers.models")
-    from study.cli import main
+    from eqntk.cli import main
 
     study = tmp_path / "real.yaml"
     study.write_text(textwrap.dedent(REAL))

@@ -38,7 +38,7 @@ def tables(tmp_path_factory) -> dict[str, pd.DataFrame]:
         out = Path(given)
     else:
         out = tmp_path_factory.mktemp("builtin") / "results"
-        subprocess.run([sys.executable, "-m", "study.cli", "run", "--out", str(out), "--no-progress"], check=True)
+        subprocess.run([sys.executable, "-m", "eqntk.cli", "run", "--out", str(out), "--no-progress"], check=True)
     d = out / "analysis"
     t = {name: pd.read_parquet(d / f"{name}.parquet") for name in ("agreement", "pairs", "invariance", "models")}
     t["points"] = pd.read_parquet(d / "points.parquet", columns=["model", "width", "step", "z"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from study.cli import main
+from eqntk.cli import main
 
 GOOD = """
 name: tiny
@@ -144,7 +144,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_unit_ids_stable_and_sensitive(tmp_path):
-    from study.cli import Prepared
+    from eqntk.cli import Prepared
 
     a = Prepared(write(tmp_path, GOOD, "a.yaml"))
     b = Prepared(write(tmp_path, GOOD, "b.yaml"))
@@ -155,7 +155,7 @@ def test_unit_ids_stable_and_sensitive(tmp_path):
 
 def test_training_fields_change_unit_ids_only_when_set(tmp_path):
     """Defaults are left out of the spec's dump, so studies written before the fields existed keep their ids."""
-    from study.cli import Prepared
+    from eqntk.cli import Prepared
     from study.spec import ModelSpec
 
     plain = ModelSpec(name="m", arch="mlp")

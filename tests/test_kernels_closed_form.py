@@ -184,7 +184,7 @@ def brute_force_group_mlp(spec, x):
     group = spec.group_obj
     G = group.order
     sw2, sb2 = spec.sigma_w**2, (spec.sigma_b**2 if spec.bias else 0.0)
-    from workers.bases import domain_permutation
+    from study.bases import domain_permutation
 
     perm = domain_permutation(group, x.shape[1:])
     v = x.reshape(len(x), -1)

@@ -1,7 +1,7 @@
 """Identities the analytic kernels must satisfy (THEORY sections 3, 4 and 6), and engine consistency.
 
 Tolerances: 1e-12 / 1e-10 relative are float64 round-off of two different evaluation orders
-(with margin). escnn samples its basis in float32; workers.bases projects it onto exactly
+(with margin). escnn samples its basis in float32; study.bases projects it onto exactly
 equivariant filters in float64 for groups that permute the grid, so escnn models and their
 kernels are invariant to float64 round-off as well.
 """
@@ -14,7 +14,7 @@ from analysis.kernels import kernel_fn, mean_kernel_fn, orbit_averaged
 from analysis.stax import right_invariant
 from study.groups import Group
 from study.spec import ModelSpec
-from workers.bases import filter_basis
+from study.bases import filter_basis
 
 
 def _rel(a, b):

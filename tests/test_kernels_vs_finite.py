@@ -2,7 +2,7 @@
 
 For every model family the workers build, finite networks (float64, N(0, 1) parameters,
 ``workers.models``) at three widths ``w0 < w1 < w2 = 16 w0`` and ``n`` fixed seeds give
-empirical NTKs and NNGP estimates (``analysis.kernel_empirical``). With ``Theta`` the analytic
+empirical NTKs and NNGP estimates (``workers.empirical_ntk``). With ``Theta`` the analytic
 kernel, the relative Frobenius deviations obey (THEORY section 2):
 
 - one initialisation: ``r(w)^2 = mean_s ||Theta_s - Theta||^2 / ||Theta||^2 = O(1/w)`` (fluctuations
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.kernel_empirical import single_init
+from workers.empirical_ntk import single_init
 from analysis.kernels import kernel_fn
 from study.spec import ModelSpec
 from workers.models import build_model, init_parameters

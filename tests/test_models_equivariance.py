@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from study import escnn_types as et
+from study.architecture import Affine
+from study.bases import domain_permutation, filter_basis
 from study.groups import Group
 from study.spec import ModelSpec
-from workers import escnn_modules as em
-from workers.bases import domain_permutation, filter_basis
+from workers.escnn_modules import GroupMeanPool, PointwiseNonlin
 from workers.layers import BasisConv2d, BasisLinear
 from workers.models import build_model, init_parameters
-from study.architecture import Affine
 
 ATOL = RTOL = 1e-5  # float32 round-off, see the module docstring
 
@@ -57,19 +58,19 @@ def act_input(group: Group, x: torch.Tensor, r: int) -> torch.Tensor:
 def test_feature_action_is_escnns_transform(gname):
     """Our action on regular fields equals escnn's ``GeometricTensor.transform``."""
     group = Group.parse(gname)
-    ftype = em.regular_type(group, 2)
+    ftype = et.regular_type(group, 2)
     f = torch.randn(2, ftype.size, 5, 5, generator=torch.Generator().manual_seed(0))
     for r in range(group.order):
         ours = act_group_grid(group, f, r)
-        theirs = em.enn.GeometricTensor(f, ftype).transform(em.escnn_element(group, r)).tensor
+        theirs = et.enn.GeometricTensor(f, ftype).transform(et.escnn_element(group, r)).tensor
         close(ours, theirs, atol=1e-6, rtol=0)  # a permutation; escnn rotates exactly for n | 4
 
 
 # ----- layers ----------------------------------------------------------------------------------
 def _conv_layer(group, lifting, c_in, c_out, k, padding, basis, support):
     b = filter_basis(group, "lift" if lifting else "gconv", c_in, k, basis, support)
-    in_type = (em.trivial_type if lifting else em.regular_type)(group, c_in)
-    layer = BasisConv2d(in_type, em.regular_type(group, c_out), b, padding, AFF)
+    in_type = (et.trivial_type if lifting else et.regular_type)(group, c_in)
+    layer = BasisConv2d(in_type, et.regular_type(group, c_out), b, padding, AFF)
     return init_parameters(layer, 7)
 
 
@@ -88,10 +89,10 @@ def test_grid_layer_equivariance(gname, lifting, padding, basis, support):
     group = Group.parse(gname)
     layer = _conv_layer(group, lifting, 2, 3, 3, padding, basis, support)
     x = torch.randn(2, layer.in_type.size, 7, 7, generator=torch.Generator().manual_seed(1))
-    y = layer(em.enn.GeometricTensor(x, layer.in_type)).tensor
+    y = layer(et.enn.GeometricTensor(x, layer.in_type)).tensor
     for r in range(group.order):
         xr = group.act_image(x, r) if lifting else act_group_grid(group, x, r)
-        yr = layer(em.enn.GeometricTensor(xr, layer.in_type)).tensor
+        yr = layer(et.enn.GeometricTensor(xr, layer.in_type)).tensor
         close(yr, act_group_grid(group, y, r))
 
 
@@ -110,20 +111,20 @@ def test_no_base_space_layer_equivariance(gname, shape, layer_kind, basis, suppo
     perm = domain_permutation(group, shape)
     if layer_kind == "glift":
         b = filter_basis(group, "glift", 1, 0, basis, domain_perm=perm)
-        in_type = em.permutation_type(group, perm)
+        in_type = et.permutation_type(group, perm)
     else:
         b = filter_basis(group, "gdense", 3, 0, basis, support)
-        in_type = em.regular_type(group, 3, "none")
-    layer = init_parameters(BasisLinear(in_type, em.regular_type(group, 4, "none"), b, AFF), 3)
+        in_type = et.regular_type(group, 3, "none")
+    layer = init_parameters(BasisLinear(in_type, et.regular_type(group, 4, "none"), b, AFF), 3)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, *shape, generator=gen).reshape(3, -1) if layer_kind == "glift" else torch.randn(3, in_type.size, generator=gen)
-    y = layer(em.enn.GeometricTensor(x, in_type)).tensor
+    y = layer(et.enn.GeometricTensor(x, in_type)).tensor
     for r in range(group.order):
         if layer_kind == "glift":
             xr = act_input(group, x.reshape(3, *shape), r).reshape(3, -1)
         else:
             xr = act_group_vec(group, x, r)
-        close(layer(em.enn.GeometricTensor(xr, in_type)).tensor, act_group_vec(group, y, r))
+        close(layer(et.enn.GeometricTensor(xr, in_type)).tensor, act_group_vec(group, y, r))
 
 
 @pytest.mark.parametrize("gname", ["D4"])  # D4 contains every C4 element
@@ -136,13 +137,13 @@ def test_escnn_check_equivariance_of_our_modules(gname):
         _conv_layer(group, True, 2, 2, 3, "circular", "canonical", "full"),
         _conv_layer(group, False, 2, 2, 3, "zero", "canonical", "identity"),
         _conv_layer(group, False, 2, 2, 3, "valid", "escnn", "full"),
-        em.PointwiseNonlin(em.regular_type(group, 2), "erf"),
-        em.GroupMeanPool(em.regular_type(group, 2)),
-        em.GroupMeanPool(em.regular_type(group, 2, "none")),
+        PointwiseNonlin(et.regular_type(group, 2), "erf"),
+        GroupMeanPool(et.regular_type(group, 2)),
+        GroupMeanPool(et.regular_type(group, 2, "none")),
         init_parameters(
             BasisLinear(
-                em.permutation_type(group, domain_permutation(group, (1, 5, 5))),
-                em.regular_type(group, 2, "none"),
+                et.permutation_type(group, domain_permutation(group, (1, 5, 5))),
+                et.regular_type(group, 2, "none"),
                 filter_basis(group, "glift", 1, 0, "escnn", domain_perm=domain_permutation(group, (1, 5, 5))),
                 AFF,
             ),
@@ -150,8 +151,8 @@ def test_escnn_check_equivariance_of_our_modules(gname):
         ),
         init_parameters(
             BasisLinear(
-                em.regular_type(group, 2, "none"),
-                em.regular_type(group, 2, "none"),
+                et.regular_type(group, 2, "none"),
+                et.regular_type(group, 2, "none"),
                 filter_basis(group, "gdense", 2, 0, "canonical", "full"),
                 AFF,
             ),
@@ -216,16 +217,16 @@ def test_escnn_basis_c8_on_images_reports_its_error(capsys):
     # a smooth, centred input, so interpolating a 45-degree rotation is meaningful
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 15), torch.linspace(-1, 1, 15), indexing="ij")
     x = (torch.exp(-4 * ((xx - 0.2) ** 2 + 2 * (yy + 0.1) ** 2)) * (1 + xx)).reshape(1, 1, 15, 15)
-    in_type = em.trivial_type(group, 1)
-    out_type = em.trivial_type(group, model.layers[upto - 1].out_type.size)
+    in_type = et.trivial_type(group, 1)
+    out_type = et.trivial_type(group, model.layers[upto - 1].out_type.size)
     disk = (xx**2 + yy**2 < 0.5).to(x.dtype)  # away from the corners a 45-degree turn cuts off
     errors, central = {}, {}
     with torch.no_grad():
         h = model.features(x, upto)
         for r in range(1, group.order):
-            el = em.escnn_element(group, r)
-            xr = em.enn.GeometricTensor(x, in_type).transform(el).tensor
-            diff = model.features(xr, upto) - em.enn.GeometricTensor(h, out_type).transform(el).tensor
+            el = et.escnn_element(group, r)
+            xr = et.enn.GeometricTensor(x, in_type).transform(el).tensor
+            diff = model.features(xr, upto) - et.enn.GeometricTensor(h, out_type).transform(el).tensor
             errors[r] = float(diff.norm() / h.norm())
             central[r] = float((diff * disk).norm() / (h * disk).norm())
     print("C8 escnn GCNN relative equivariance error by element:", {k: f"{v:.2e}" for k, v in errors.items()})
@@ -295,7 +296,7 @@ def test_escnn_basis_conv_reproduces_r2conv(gname, lifting, padding, k):
     group = Group.parse(gname)
     c_in, c_out = 2, 3
     ours = _conv_layer(group, lifting, c_in, c_out, k, padding, "escnn", "full")
-    r2 = em.enn.R2Conv(
+    r2 = et.enn.R2Conv(
         ours.in_type,
         ours.out_type,
         k,
@@ -308,7 +309,7 @@ def test_escnn_basis_conv_reproduces_r2conv(gname, lifting, padding, k):
         r2.weights.copy_(ours.weight.reshape(-1))  # escnn orders weights [out field, in field, basis j]
         ours.bias.zero_()
     scale = filter_basis(group, "lift" if lifting else "gconv", c_in, k, "escnn").scale
-    x = em.enn.GeometricTensor(torch.randn(2, ours.in_type.size, 9, 9, generator=torch.Generator().manual_seed(0)), ours.in_type)
+    x = et.enn.GeometricTensor(torch.randn(2, ours.in_type.size, 9, 9, generator=torch.Generator().manual_seed(0)), ours.in_type)
     close(ours(x).tensor, ours.w_scale * scale * r2(x).tensor)
     close(ours.filter(), scale * r2.expand_parameters()[0], atol=1e-6, rtol=1e-6)  # entries O(1): float32
 
@@ -327,27 +328,27 @@ def test_escnn_basis_linear_reproduces_escnn_linear(gname, shape, kind):
     if kind == "glift":
         perm = domain_permutation(group, shape)
         basis = filter_basis(group, "glift", 1, 0, "escnn", domain_perm=perm)
-        escnn_in, order = em.orbit_field_type(group, perm)
-        ours_in = em.permutation_type(group, perm)
+        escnn_in, order = et.orbit_field_type(group, perm)
+        ours_in = et.permutation_type(group, perm)
     else:
         basis = filter_basis(group, "gdense", 2, 0, "escnn")
-        escnn_in = ours_in = em.regular_type(group, 2, "none")
+        escnn_in = ours_in = et.regular_type(group, 2, "none")
         order = np.arange(ours_in.size)
-    out_type = em.regular_type(group, 3, "none")
+    out_type = et.regular_type(group, 3, "none")
     ours = init_parameters(BasisLinear(ours_in, out_type, basis, AFF), 5)
     with torch.no_grad():
         ours.bias.zero_()
     x = torch.randn(4, ours_in.size, generator=torch.Generator().manual_seed(1))
-    y = ours(em.enn.GeometricTensor(x, ours_in)).tensor
+    y = ours(et.enn.GeometricTensor(x, ours_in)).tensor
     if kind == "glift":
-        lin = em.enn.Linear(escnn_in, em.regular_type(group, 1, "none"), bias=False, initialize=False)
+        lin = et.enn.Linear(escnn_in, et.regular_type(group, 1, "none"), bias=False, initialize=False)
         for o in range(3):
             with torch.no_grad():
                 lin.weights.copy_(ours.weight[o, 0])
-            theirs = lin(em.enn.GeometricTensor(x[:, order], escnn_in)).tensor
+            theirs = lin(et.enn.GeometricTensor(x[:, order], escnn_in)).tensor
             close(y[:, o * G : (o + 1) * G], ours.w_scale * basis.scale * theirs)
     else:
-        lin = em.enn.Linear(escnn_in, out_type, bias=False, initialize=False)
+        lin = et.enn.Linear(escnn_in, out_type, bias=False, initialize=False)
         with torch.no_grad():
             lin.weights.copy_(ours.weight.reshape(-1))  # one repr pair: [out field, in field, j]
-        close(y, ours.w_scale * basis.scale * lin(em.enn.GeometricTensor(x, escnn_in)).tensor)
+        close(y, ours.w_scale * basis.scale * lin(et.enn.GeometricTensor(x, escnn_in)).tensor)

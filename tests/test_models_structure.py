@@ -16,11 +16,21 @@ import torch
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from study import architecture as arch
+from study import escnn_types as et
+from study.bases import domain_permutation, filter_basis
 from study.groups import Group
 from study.spec import ModelSpec
-from workers import escnn_modules as em
-from workers.bases import domain_permutation, filter_basis
-from workers.layers import BasisConv2d, BasisLinear, FilterExpansion, Flatten, GlobalAvgPool, NTKConv2d, NTKDense, Pointwise
+from workers.escnn_modules import GroupMeanPool, PointwiseNonlin
+from workers.layers import (
+    BasisConv2d,
+    BasisLinear,
+    FilterExpansion,
+    Flatten,
+    GlobalAvgPool,
+    NTKConv2d,
+    NTKDense,
+    Pointwise,
+)
 from workers.models import build_model, init_parameters
 
 ATOL = RTOL = 1e-5  # float32 round-off
@@ -51,7 +61,7 @@ LAYER_TYPES = {
     arch.GroupConv: BasisConv2d,
     arch.GroupLift: BasisLinear,
     arch.GroupDense: BasisLinear,
-    arch.GroupPool: em.GroupMeanPool,
+    arch.GroupPool: GroupMeanPool,
     arch.GlobalAvgPool: GlobalAvgPool,
     arch.Flatten: Flatten,
 }
@@ -65,7 +75,7 @@ def test_one_finite_layer_per_plan_entry(kw, shape):
     assert len(model.layers) == len(plan)
     for entry, layer in zip(plan, model.layers):
         if isinstance(entry, arch.Nonlin):
-            assert isinstance(layer, (Pointwise, em.PointwiseNonlin)) and layer.kind == entry.kind
+            assert isinstance(layer, (Pointwise, PointwiseNonlin)) and layer.kind == entry.kind
         else:
             assert isinstance(layer, LAYER_TYPES[type(entry)])
     init_parameters(model, 0)
@@ -194,12 +204,12 @@ def test_permutation_type_is_our_action(gname, shape):
     """The escnn representation assembled orbit by orbit has exactly our permutation matrices."""
     group = Group.parse(gname)
     perm = domain_permutation(group, shape)
-    rep = em.permutation_type(group, perm).representations[0]
+    rep = et.permutation_type(group, perm).representations[0]
     d = perm.shape[1]
     for g in range(group.order):
         P = np.zeros((d, d))
         P[np.arange(d), perm[g]] = 1.0
-        np.testing.assert_allclose(rep(em.escnn_element(group, g)), P, atol=1e-12)  # float64 change of basis
+        np.testing.assert_allclose(rep(et.escnn_element(group, g)), P, atol=1e-12)  # float64 change of basis
 
 
 @pytest.mark.parametrize("gname,shape", [("D4", (1, 5, 5)), ("D6", (1, 12))])
@@ -209,7 +219,7 @@ def test_escnn_glift_basis_equals_escnns_basis_for_the_whole_permutation_represe
     group = Group.parse(gname)
     perm = domain_permutation(group, shape)
     b = filter_basis(group, "glift", 1, 0, "escnn", domain_perm=perm)
-    lin = em.enn.Linear(em.permutation_type(group, perm), em.regular_type(group, 1, "none"), bias=False, initialize=False)
+    lin = et.enn.Linear(et.permutation_type(group, perm), et.regular_type(group, 1, "none"), bias=False, initialize=False)
     D = lin.basisexpansion.dimension()
     with torch.no_grad():
         whole = torch.stack([lin.basisexpansion(e) for e in torch.eye(D)]).double().numpy().reshape(D, group.order, -1)

@@ -20,7 +20,7 @@ from analysis.regression import (
     molecule_matrix, paired_differences, psd_projected, regression_metrics, summarize,
 )
 from study import molecules as M
-from study.cli import main
+from eqntk.cli import main
 from study.config import MoleculesSource, StudyError, parse_study
 from study.spec import ModelSpec
 
@@ -81,7 +81,7 @@ def _set(mols, energy=None):
 
 
 def _inputs(tmp_path, mols, name, L=3):
-    from study.regression import load_molecules
+    from study.regression_data import load_molecules
 
     path = tmp_path / f"{name}.npz"
     _set(mols).save(path)
@@ -95,7 +95,7 @@ def test_so3_molecule_kernel_is_invariant_under_rotations_and_atom_order(tmp_pat
     band-limited environments rotate exactly), while the sphere MLP's, which is not invariant
     to rotating one input, moves by > 1e-2 (measured 5e-2). Renumbering the atoms of every
     molecule changes neither kernel beyond round-off."""
-    from study.regression import standardize_channels
+    from study.regression_data import standardize_channels
     from study.sphere import dh_grid, random_rotations
 
     mols = [M.conformer(n, 0, 0) for n in NAMES]

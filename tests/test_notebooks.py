@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from analysis import pipeline
+from eqntk import pipeline
 from test_analysis import closed_form_kernel_fn, make_results
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study.cli import main
+from eqntk.cli import main
 from study.config import RotatedDigitsSource, parse_study
 
 BUILTIN = Path(__file__).resolve().parents[1] / "study" / "builtin"

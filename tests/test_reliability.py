@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from study.cli import main
+from eqntk.cli import main
 
 EQNTK = str(Path(sys.executable).with_name("eqntk"))
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import pipeline, report
-from study.store import ResultStore
+from analysis import report
+from eqntk import pipeline
+from eqntk.store import ResultStore
 from test_analysis import closed_form_kernel_fn, make_results
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -107,7 +108,7 @@ def test_report_before_any_unit_finished(tmp_path):
     """A results directory whose units are all pending still gets a page that says so."""
     import textwrap
 
-    from study.cli import resolved_study
+    from eqntk.cli import resolved_study
     from study.config import parse_study
     from study.data import build_data
     from test_analysis import TINY

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from study.cli import main
+from eqntk.cli import main
 from study.config import StudyError, parse_study
 from study.data import _normalize_sphere, build_data
 from study.groups import SO3Group

@@ -8,7 +8,7 @@ from study.config import StudyError
 from study.grid import UnitSpec
 from study.spec import ModelSpec
 from study.atomic import atomic_path
-from study.store import PART_SCHEMA, PartWriter, ResultStore, part_bytes_metadata, read_predictions
+from eqntk.store import PART_SCHEMA, PartWriter, ResultStore, part_bytes_metadata, read_predictions
 
 
 def unit(start=0, stop=3, members=False, uid="u0"):

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study.cli import main
-from study.store import PART_SCHEMA
+from eqntk.cli import main
+from eqntk.store import PART_SCHEMA
 
 TINY = """
 name: tiny

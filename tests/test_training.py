@@ -414,8 +414,8 @@ def test_sgd_cross_entropy_study_end_to_end(tmp_path):
     and stay out of the comparisons with theory, but not out of the ensemble-only ones."""
     import textwrap
 
-    from analysis import pipeline
-    from study.cli import main
+    from eqntk import pipeline
+    from eqntk.cli import main
 
     study = tmp_path / "sgd.yaml"
     study.write_text(textwrap.dedent(SGD_STUDY))

@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from study.groups import Group
+from study.sphere import dh_grid, isht, random_rotations, rotate_coeffs, sht
 
 
 def orbit(group: Group, x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +151,6 @@ class RandomRotations:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]):
-        import numpy as np
-
-        from study.sphere import dh_grid, sht
-
         self.x = x
         h = x.shape[-1]
         if x.ndim != 4 or x.shape[-2] != h or h % 2:
@@ -165,17 +163,11 @@ class RandomRotations:
 
     def draw(self):
         """The next rotations, ``[M, N, 3, 3]`` (numpy float64)."""
-        import numpy as np
-
-        from study.sphere import random_rotations
-
         n = self._coeffs.shape[0]
         return np.stack([random_rotations(n, gen) for gen in self._generators])
 
     def rotated(self, R) -> torch.Tensor:
         """``R[m, i] x_i`` for rotations ``[M, N, 3, 3]``: ``[M, N, C, 2L, 2L]`` in ``x``'s dtype and device."""
-        from study.sphere import isht, rotate_coeffs
-
         out = isht(rotate_coeffs(self._coeffs[None], R[:, :, None]), self._grid)
         return torch.as_tensor(out, dtype=self.x.dtype, device=self.x.device)
 

@@ -7,7 +7,7 @@ cached filters, no data-dependent branches), so ``torch.func.vmap`` over
 ``functional_call`` trains a whole ensemble at once.
 
 Equivariant layers are escnn ``EquivariantModule`` s on escnn field types; their filters
-are expanded from a ``workers.bases.BlockBasis`` (``einsum`` or gather), then applied by one
+are expanded from a ``study.bases.BlockBasis`` (``einsum`` or gather), then applied by one
 ``conv2d`` / ``linear`` with the group index folded into the channels.
 """
 
@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from study.architecture import Affine
+from study.bases import BlockBasis
+from study.escnn_types import enn
 
-from .bases import BlockBasis
-from .escnn_modules import apply_pointwise, enn
+from .pointwise import phi
 
 __all__ = [
     "pad2d",
@@ -81,7 +82,7 @@ class FilterExpansion(nn.Module):
             index = torch.where(index < 0, self.dim, index)  # zero entries read the padded zero
             self.register_buffer("index", index, persistent=False)
         else:
-            # float64, so a float64 model keeps the symmetrised basis (workers.bases._symmetrised)
+            # float64, so a float64 model keeps the symmetrised basis (study.bases._symmetrised)
             # exact; module.to(float32) rounds it for float32 models
             dense = torch.as_tensor(basis.tensor / basis.scale, dtype=torch.float64).reshape(self.dim, -1)
             self.register_buffer("dense", dense, persistent=False)
@@ -208,11 +209,11 @@ class Pointwise(nn.Module):
 
     def __init__(self, kind: str):
         super().__init__()
-        apply_pointwise(kind, torch.zeros(1))
+        phi(kind, torch.zeros(1))
         self.kind = kind
 
     def forward(self, x):
-        return apply_pointwise(self.kind, _plain(x))
+        return phi(self.kind, _plain(x))
 
 
 class Flatten(nn.Module):

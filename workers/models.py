@@ -8,15 +8,19 @@ N(0, 1) with a generator seeded by one integer.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from study import architecture as arch
-from study.spec import ModelSpec
+from study import escnn_types as et
+from study.bases import domain_permutation, filter_basis
+from study.spec import ModelSpec, sphere_spec
+from study.sphere import dh_grid
 
-from . import escnn_modules as em
-from .bases import domain_permutation, filter_basis
+from .escnn_modules import GroupMeanPool, PointwiseNonlin
 from .layers import BasisConv2d, BasisLinear, Flatten, GlobalAvgPool, NTKConv2d, NTKDense, Pointwise
+from .so3 import SO3Net, SphereMLP, phi
 
 __all__ = ["Network", "build_model", "build_sphere_model", "init_parameters"]
 
@@ -40,13 +44,13 @@ class Network(nn.Module):
         """Output of layers ``[0, upto)`` (all by default), as a plain tensor."""
         h = x.to(self.layers[-1].weight.dtype)
         for layer in self.layers[:upto]:
-            if isinstance(layer, em.enn.EquivariantModule):
-                if not isinstance(h, em.enn.GeometricTensor):
-                    h = em.enn.GeometricTensor(h, layer.in_type)
-            elif isinstance(h, em.enn.GeometricTensor):
+            if isinstance(layer, et.enn.EquivariantModule):
+                if not isinstance(h, et.enn.GeometricTensor):
+                    h = et.enn.GeometricTensor(h, layer.in_type)
+            elif isinstance(h, et.enn.GeometricTensor):
                 h = h.tensor
             h = layer(h)
-        return h.tensor if isinstance(h, em.enn.GeometricTensor) else h
+        return h.tensor if isinstance(h, et.enn.GeometricTensor) else h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -108,8 +112,8 @@ def build_model(spec: ModelSpec, width: int, input_shape: tuple, n_out: int) -> 
             out = size(entry.out)
             support = "full" if lifting else entry.support
             basis = filter_basis(group, "lift" if lifting else "gconv", shape[0], entry.kernel_size, entry.basis, support)
-            in_type = (em.trivial_type if lifting else em.regular_type)(group, shape[0])
-            layer = BasisConv2d(in_type, em.regular_type(group, out), basis, entry.padding, entry.affine)
+            in_type = (et.trivial_type if lifting else et.regular_type)(group, shape[0])
+            layer = BasisConv2d(in_type, et.regular_type(group, out), basis, entry.padding, entry.affine)
             kind, shape = "group_grid", (out, *_conv_hw(shape[1:], entry.kernel_size, entry.padding))
         elif isinstance(entry, arch.GroupLift):
             _expect(kind, "flat", entry)
@@ -118,26 +122,26 @@ def build_model(spec: ModelSpec, width: int, input_shape: tuple, n_out: int) -> 
                 raise ValueError(f"group lift: input has {shape[0]} entries, the group permutes {perm.shape[1]}")
             basis = filter_basis(group, "glift", 1, 0, entry.basis, "full", domain_perm=perm)
             out = size(entry.out)
-            layer = BasisLinear(em.permutation_type(group, perm), em.regular_type(group, out, "none"), basis, entry.affine)
+            layer = BasisLinear(et.permutation_type(group, perm), et.regular_type(group, out, "none"), basis, entry.affine)
             kind, shape = "group", (out,)
         elif isinstance(entry, arch.GroupDense):
             _expect(kind, "group", entry)
             out = size(entry.out)
             basis = filter_basis(group, "gdense", shape[0], 0, entry.basis, entry.support)
-            in_type = em.regular_type(group, shape[0], "none")
-            layer = BasisLinear(in_type, em.regular_type(group, out, "none"), basis, entry.affine)
+            in_type = et.regular_type(group, shape[0], "none")
+            layer = BasisLinear(in_type, et.regular_type(group, out, "none"), basis, entry.affine)
             shape = (out,)
         elif isinstance(entry, arch.Nonlin):
             if kind in ("group_grid", "group"):
                 base = "R2" if kind == "group_grid" else "none"
-                layer = em.PointwiseNonlin(em.regular_type(group, shape[0], base), entry.kind)
+                layer = PointwiseNonlin(et.regular_type(group, shape[0], base), entry.kind)
             else:
                 layer = Pointwise(entry.kind)
         elif isinstance(entry, arch.GroupPool):
             if kind not in ("group_grid", "group"):
                 raise ValueError(f"group pooling needs regular fields, got {kind} features")
             base = "R2" if kind == "group_grid" else "none"
-            layer = em.GroupMeanPool(em.regular_type(group, shape[0], base))
+            layer = GroupMeanPool(et.regular_type(group, shape[0], base))
             kind = "grid" if kind == "group_grid" else "flat"
         elif isinstance(entry, arch.GlobalAvgPool):
             _expect(kind, "grid", entry)
@@ -180,11 +184,6 @@ class StudySphereMLP(nn.Module):
 
     def __init__(self, spec, width: int):
         super().__init__()
-        import numpy as np
-
-        from study.sphere import dh_grid
-
-        from .so3 import SphereMLP
 
         self.net = SphereMLP(spec, width, torch.Generator().manual_seed(0), torch.float64)
         g = dh_grid(spec.L_in)
@@ -202,7 +201,6 @@ class StudySO3Net(nn.Module):
 
     def __init__(self, spec, width: int):
         super().__init__()
-        from .so3 import SO3Net
 
         self.net = SO3Net(spec, width, torch.Generator().manual_seed(0), torch.float64)
 
@@ -211,15 +209,11 @@ class StudySO3Net(nn.Module):
 
 
 def phi_(kind: str, x: torch.Tensor) -> torch.Tensor:
-    from .so3 import phi
-
     return phi(kind, x)
 
 
 def build_sphere_model(spec: ModelSpec, width: int, input_shape: tuple, n_out: int) -> nn.Module:
     """The finite ``so3_gcnn`` or ``sphere_mlp`` of ``spec`` (``workers.so3``), float64 until cast;
     its parameters are re-drawn by ``init_parameters`` (every one N(0, 1), as in ``workers.so3``)."""
-    from study.spec import sphere_spec
-
     s = sphere_spec(spec, tuple(input_shape), n_out)
     return StudySO3Net(s, width) if spec.arch == "so3_gcnn" else StudySphereMLP(s, width)

@@ -16,15 +16,19 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .config import StudyConfig, StudyError, builtin_study_path, load_study
+from study.config import StudyConfig, StudyError, builtin_study_path, load_study
+from study.data import build_data
+from study.grid import expand
+
+from . import pipeline, regression
+from .runner import run_units
+from .store import ResultStore
 
 
 class Prepared:
     """A validated study with its arrays and units: everything decided before any work."""
 
     def __init__(self, path: Path):
-        from .data import build_data
-        from .grid import expand
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
         self.cfg: StudyConfig = load_study(path)
@@ -49,16 +53,12 @@ def resolved_study(cfg: StudyConfig, digest: str) -> dict:
 
 def units_of(store) -> list:
     """The units of the study stored in a results directory."""
-    from .grid import expand
-
     resolved = store.resolved_study()
     return expand(StudyConfig(**resolved["config"]), resolved["data_digest"])
 
 
 # ----- commands ------------------------------------------------------------------------
 def cmd_validate(args) -> int:
-    from . import regression
-
     if regression.is_regression_study(Path(args.study)):
         return regression.cmd_validate(Path(args.study))
     p = Prepared(Path(args.study))
@@ -76,11 +76,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .runner import run_units
-    from .store import ResultStore
-
-    from . import regression
-
     study_path = Path(args.study) if args.study else builtin_study_path(quick=args.quick)
     if regression.is_regression_study(study_path):
         return regression.cmd_run(study_path, Path(args.out) if args.out else None, args.address,
@@ -130,10 +125,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .store import ResultStore
-
-    from . import regression
-
     store = ResultStore(args.dir)
     if not store.exists():
         raise StudyError(f"DIR: {args.dir} is not an eqntk results directory (no study.json)")
@@ -153,15 +144,11 @@ def cmd_status(args) -> int:
 
 
 def _analyze(out: Path, report: bool) -> None:
-    from . import regression
-
     if regression.is_regression_dir(out):
         regression.analyze(out)
         if report:
             regression.report(out)
         return
-    from analysis import pipeline  # part of the package: an import error here is a bug to see, not to hide
-
     pipeline.analyze(out)
     if report:
         pipeline.report(out)

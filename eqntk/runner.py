@@ -16,8 +16,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from .grid import UnitSpec
-from .store import ResultStore
+import ray
+import torch
+from tqdm import tqdm
+
+from study.grid import UnitSpec
+from workers.unit import run_unit
+
+from .store import PartWriter, ResultStore
 
 
 @dataclass
@@ -45,12 +51,6 @@ class RunSummary:
 
 def execute_unit(unit: UnitSpec, data, num_threads: int = 1) -> dict:
     """Train one unit and return its part bytes and record (runs inside a Ray task)."""
-    import torch
-
-    from workers.unit import run_unit
-
-    from .store import PartWriter
-
     torch.set_num_threads(max(1, num_threads))
     writer = PartWriter(unit)
     try:
@@ -79,7 +79,6 @@ def execute_unit(unit: UnitSpec, data, num_threads: int = 1) -> dict:
 
 def _node_id() -> str:
     try:
-        import ray
 
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
@@ -89,7 +88,6 @@ def _node_id() -> str:
 
 
 def _init_ray(address: str | None):
-    import ray
 
     if ray.is_initialized():
         return False
@@ -113,8 +111,6 @@ def run_units(
     progress: bool = True,
 ) -> RunSummary:
     """Run every unit of ``units`` whose part is missing; return a summary."""
-    import ray
-    from tqdm import tqdm
 
     start = time.time()
     pending = [u for u in units if not store.is_done(u)]

@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
+from analysis import compare, empirical
+from analysis import report as rep
+from analysis import theory
 from study.atomic import atomic_path
-from study.store import ResultStore
+from study.config import StudyConfig
+from study.grid import expand
 
-from . import compare, empirical, theory
+from .store import ResultStore, read_predictions
 
 TABLES = ["models", "units", "theory", "points", "agreement", "convergence", "invariance", "pairs"]
 # The per-point table can be large (steps x sets x samples x orbit x outputs per ensemble):
@@ -33,8 +40,51 @@ def analysis_dir(out: Path) -> Path:
     return Path(out) / "analysis"
 
 
+def unit_table(out: Path) -> pd.DataFrame:
+    """Every unit of the study with its state (done, diverged, failed, pending) and record fields."""
+    store = ResultStore(out)
+    resolved = store.resolved_study()
+    units = expand(StudyConfig(**resolved["config"]), resolved["data_digest"])
+    states = store.unit_states(units)
+    rows = []
+    for u in units:
+        rec = store.record(u.unit_id) or {}
+        rows.append(
+            dict(
+                unit_id=u.unit_id,
+                model=u.model.name,
+                width=u.width,
+                lr=u.lr,
+                member_start=u.member_start,
+                member_stop=u.member_stop,
+                state=states[u.unit_id],
+                steps_reached=rec.get("steps_reached"),
+                seconds=rec.get("seconds"),
+                device=rec.get("device"),
+                error=rec.get("error"),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def load_ensembles(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(stats, units)``: ensemble statistics over the units that finished, and the unit table.
+
+    Diverged units are left out as a whole (``analysis.empirical``); only the columns the
+    statistics need are read."""
+    units = unit_table(out)
+    if not (units["state"] == "done").any():
+        return empirical.empty_stats(), units
+    diverged = units.loc[units["state"] == "diverged", "unit_id"].tolist()
+    flt = None
+    if diverged:
+        flt = ~pc.is_in(ds.field("unit_id"), value_set=pa.array(diverged, pa.string()))
+    table = read_predictions(out, columns=empirical.COLUMNS, filter=flt, optional=empirical.OPTIONAL)
+    return empirical.ensemble_stats(table), units
+
+
 def _unit_states(out: Path) -> dict[str, str]:
-    units = empirical.unit_table(out)
+    units = unit_table(out)
     return dict(zip(units["unit_id"], units["state"]))
 
 
@@ -47,11 +97,14 @@ def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optiona
     """
     out = Path(out)
     t0 = time.perf_counter()
-    cfg = empirical.study_config(out)
+    store = ResultStore(out)
+    resolved = store.resolved_study()
+    cfg = StudyConfig(**resolved["config"])
     specs = cfg.model_specs
-    stats, units = empirical.load_ensembles(out)
+    stats, units = load_ensembles(out)
     t1 = time.perf_counter()
-    theories = theory.study_theory(out, kernel_fn=kernel_fn, log=log, workers=workers)
+    theories = theory.study_theory(cfg, resolved["log_steps"], resolved["data_digest"], store.load_data,
+                                   analysis_dir(out), kernel_fn=kernel_fn, log=log, workers=workers)
     t2 = time.perf_counter()
     tables = compare.build_tables(stats, theories, specs, {s.name: cfg.widths_of(s.name) for s in specs})
     tables["units"] = units
@@ -91,8 +144,6 @@ def load_tables(out: Path) -> Optional[dict[str, pd.DataFrame]]:
 
 def report(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optional[int] = None, log=print) -> Path:
     """Write ``DIR/report/index.html`` with its plots and summary; returns its path."""
-    from . import report as rep
-
     out = Path(out)
     tables = load_tables(out)
     if tables is None:

@@ -19,6 +19,7 @@ duplicates one. docs/results.md documents the columns (``PART_SCHEMA`` below).
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata as md
 import io
 import json
 import os
@@ -29,11 +30,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .atomic import atomic_write
-from .config import StudyError
-from .grid import UnitSpec
+from study.atomic import atomic_write
+from study.config import StudyError
+from study.data import StudyData
+from study.grid import UnitSpec
 
 # Columns of every part file; ``model`` and ``width`` come from the directory names.
 PART_SCHEMA = pa.schema(
@@ -213,8 +216,6 @@ class ResultStore:
         return json.loads((self.root / "study.json").read_text())
 
     def load_data(self):
-        from .data import StudyData
-
         return StudyData.load(self.root / "inputs.npz")
 
     # ----- units -----------------------------------------------------------------
@@ -255,8 +256,6 @@ class ResultStore:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("torch", "escnn", "ray", "numpy", "pyarrow", "pandas", "eqntk"):
         try:
@@ -274,8 +273,6 @@ def read_predictions(root: os.PathLike | str, columns: Optional[list[str]] = Non
     an older eqntk may lack a newer column). A corrupt part raises StudyError naming the file
     and how to regenerate it.
     """
-    import pyarrow.dataset as ds
-
     root = Path(root)
     base = root / "predictions"
     if not base.is_dir():

@@ -28,8 +28,9 @@ from functools import lru_cache
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 
-from study.groups import Group
+from .groups import Group
 
 LayerKind = Literal["lift", "gconv", "glift", "gdense"]
 BasisKind = Literal["canonical", "escnn"]
@@ -221,23 +222,22 @@ def _canonical(group: Group, layer: str, k: int, support: str, perm: np.ndarray 
 
 
 def _escnn(group: Group, layer: str, k: int, perm: np.ndarray | None) -> BlockBasis:
-    import torch
-
-    from . import escnn_modules as em
+    # deferred: importing escnn takes about 2 s, and only escnn-basis layers need it
+    from . import escnn_types as et
 
     G = group.order
     with torch.no_grad():
         if layer in ("lift", "gconv"):
-            in_type = em.trivial_type(group, 1) if layer == "lift" else em.regular_type(group, 1)
-            module = em.enn.R2Conv(in_type, em.regular_type(group, 1), k, bias=False, initialize=False)
+            in_type = et.trivial_type(group, 1) if layer == "lift" else et.regular_type(group, 1)
+            module = et.enn.R2Conv(in_type, et.regular_type(group, 1), k, bias=False, initialize=False)
         elif layer == "glift":
             # one field per orbit: the same basis as for the whole permutation representation
             # (escnn builds it block by block), without escnn's d^2-sized decomposition
-            in_type, order = em.orbit_field_type(group, perm)
+            in_type, order = et.orbit_field_type(group, perm)
         else:
-            in_type = em.regular_type(group, 1, "none")
+            in_type = et.regular_type(group, 1, "none")
         if layer in ("glift", "gdense"):
-            module = em.enn.Linear(in_type, em.regular_type(group, 1, "none"), bias=False, initialize=False)
+            module = et.enn.Linear(in_type, et.regular_type(group, 1, "none"), bias=False, initialize=False)
         # escnn shares its sampled bases between modules, so expand in its own dtype (float32)
         # without converting the module; a unit vector reads each sample out exactly
         expansion = module.basisexpansion

@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .models import build_model, init_parameters
+
 __all__ = ["EmpiricalKernels", "empirical_kernels"]
 
 
@@ -60,8 +62,6 @@ def single_init(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def empirical_kernels(spec, width: int, input_shape: Sequence[int], x, seeds: Sequence[int]) -> EmpiricalKernels:
     """Mean finite-width NNGP and NTK of ``spec`` at ``width`` over the initialisations ``seeds``."""
-    from workers.models import build_model, init_parameters
-
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     model = build_model(spec, width, tuple(input_shape), 1).double()
     nngps, ntks = [], []
