@@ -1,10 +1,10 @@
 """The analysis tables against numbers known in advance.
 
-A tiny results directory is synthesised with the store's own writer: the analytic
-predictions come from closed-form kernels written out here (one-hidden-layer ReLU MLP in
-NTK parameterisation, THEORY section 2, and its orbit average for the identity-support
-group MLP, section 3), and each ensemble's members are placed around a chosen mean with a
-chosen spread, so ensemble means, standard errors, z-scores, errors, slopes, gaps and
+The synthetic results directory of conftest (``make_results``) is written with the store's
+own writer: the analytic predictions come from closed-form kernels (one-hidden-layer ReLU
+MLP in NTK parameterisation, docs/theory.md §2, and its orbit average for the
+identity-support group MLP, §3), and each ensemble's members are placed around a chosen mean
+with a chosen spread, so ensemble means, standard errors, z-scores, errors, slopes, gaps and
 orbit spreads are all known exactly. One unit is marked diverged (its part holds garbage)
 and one failed, as the runner records them.
 """
@@ -21,124 +21,17 @@ import pytest
 from analysis import theory
 from eqntk import pipeline
 from analysis.predict import predict_as_trained
-from eqntk.cli import resolved_study
 from study.config import parse_study
 from study.data import build_data
-from study.grid import expand
-from eqntk.store import PartWriter, ResultStore
-
-TINY = """
-name: tiny-analysis
-seed: 1
-data:
-  train: {source: digits, n: 6}
-  eval:
-    - {name: noise, data: {source: gaussian, n: 3}}
-group: C4
-models:
-  - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
-  - {name: group_mlp, arch: group_mlp, depth: 1, support: identity}
-  - {name: group_mlp_full, arch: group_mlp, depth: 1, support: full}
-  - {name: mlp_plain, arch: mlp, depth: 1}
-  - {name: mlp_random, arch: mlp, depth: 1, augmentation: random}
-widths: [8, 32]
-ensemble_size: 4
-members_per_unit: 2
-lr: 0.5
-steps: 20
-log_steps: [0, 1, 5, 20]
-"""
-
-# Member offsets around the ensemble mean: mean 0, sample variance 4/3 (M - 1 = 3).
-PATTERN = np.array([1.0, -1.0, 1.0, -1.0])
-NOISE = 0.05  # the members' standard deviation is NOISE * sqrt(4/3)
-BIAS = {"mlp_aug": 0.4, "group_mlp": 0.2, "group_mlp_full": 0.3, "mlp_plain": 0.8, "mlp_random": 0.5}  # mean = mu (1 + BIAS/width)
-DIVERGED = ("group_mlp", 8, 2)  # (model, width, member_start) of the unit recorded as diverged
-FAILED = ("mlp_plain", 32, 0)
-
-
-# ----- closed-form kernels ---------------------------------------------------------------
-def relu_mlp(x1, x2=None, diag=False):
-    """NNGP and NTK of ``v.relu(W x / sqrt(d)) / sqrt(n)`` at infinite width (sigma_w = 1, sigma_b = 0)."""
-    a = np.asarray(x1, np.float64).reshape(len(x1), -1)
-    d = a.shape[1]
-    na = np.einsum("ij,ij->i", a, a) / d
-    if diag:
-        return {"nngp": na / 2, "ntk": na}
-    b = a if x2 is None else np.asarray(x2, np.float64).reshape(len(x2), -1)
-    nb = np.einsum("ij,ij->i", b, b) / d
-    k0 = a @ b.T / d
-    norm = np.sqrt(np.outer(na, nb))
-    t = np.arccos(np.clip(k0 / norm, -1, 1))
-    nngp = norm * (np.sin(t) + (np.pi - t) * np.cos(t)) / (2 * np.pi)
-    return {"nngp": nngp, "ntk": nngp + k0 * (np.pi - t) / (2 * np.pi)}
-
-
-def closed_form_kernel_fn(spec, input_shape, n_out):
-    """A stand-in for ``analysis.kernels.kernel_fn`` for depth-1 mlp / group_mlp specs."""
-    assert spec.depth == 1 and spec.arch in ("mlp", "group_mlp")
-    grp = spec.group_obj
-
-    def kf(x1, x2=None, get=("nngp", "ntk"), diag=False):
-        if spec.arch == "mlp":
-            k = relu_mlp(x1, x2, diag)
-        else:  # (1/|G|) sum_g K(x, L_g x'): the kernel of the identity-support symmetrised net
-            x2_ = x1 if x2 is None else x2
-            if diag:
-                parts = [relu_mlp(x1, grp.orbit_image(x1)[:, g]) for g in range(grp.order)]
-                k = {n: np.mean([np.diag(p[n]) for p in parts], axis=0) for n in ("nngp", "ntk")}
-            else:
-                parts = [relu_mlp(x1, grp.orbit_image(x2_)[:, g]) for g in range(grp.order)]
-                k = {n: np.mean([p[n] for p in parts], axis=0) for n in ("nngp", "ntk")}
-        return {n: k[n] for n in get}
-
-    return kf
-
-
-# ----- the synthetic results directory ---------------------------------------------------
-def make_results(root: Path) -> Path:
-    """Write a results directory for TINY whose ensembles sit at known offsets from theory."""
-    cfg = parse_study(textwrap.dedent(TINY))
-    data = build_data(cfg.data, cfg.seed)
-    digest = data.digest()
-    store = ResultStore(root)
-    store.initialise(textwrap.dedent(TINY), resolved_study(cfg, digest), data)
-    steps = cfg.resolved_log_steps
-    specs = {s.name: s for s in cfg.model_specs}
-    ths = {name: theory.compute_theory(s, data, cfg.lr, steps, kernel_fn=closed_form_kernel_fn) for name, s in specs.items()}
-    rng = np.random.default_rng(0)
-    for u in expand(cfg, digest):
-        key = (u.model.name, u.width, u.member_start)
-        rec = {"unit_id": u.unit_id, "model": u.model.name, "width": u.width, "lr": u.lr, "status": "done",
-               "steps_reached": cfg.steps, "seconds": 0.1, "device": "cpu"}
-        if key == FAILED:
-            store.record_failure(u, {**rec, "status": "failed", "error": "RuntimeError: synthetic failure"})
-            continue
-        writer = PartWriter(u)
-        th = ths[u.model.name]
-        for k, step in enumerate(steps):
-            if key == DIVERGED and step > 1:
-                break
-            for ev in th.mean:
-                mu, var = th.mean[ev][k], th.var[ev][k]  # [n, G, n_out], [n, G]
-                centre = mu * (1 + BIAS[u.model.name] / u.width)
-                members = centre[None] + NOISE * PATTERN[u.member_start:u.member_stop, None, None, None]
-                if key == DIVERGED:
-                    members = members + 1e6 * rng.standard_normal(members.shape)
-                writer.log(step, ev, members)
-        if key == DIVERGED:
-            rec.update(status="diverged", steps_reached=1)
-        store.commit(u, writer.finish(rec), rec)
-    return root
-
+from eqntk.store import ResultStore
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
+def results(tmp_path_factory, make_results) -> Path:
     return make_results(tmp_path_factory.mktemp("analysis") / "run")
 
 
 @pytest.fixture(scope="module")
-def analysed(results) -> Path:
+def analysed(results, closed_form_kernel_fn) -> Path:
     pipeline.analyze(results, kernel_fn=closed_form_kernel_fn, workers=1)  # parallel: test_real_study_end_to_end
     return results
 
@@ -147,41 +40,42 @@ def read(out: Path, name: str) -> pd.DataFrame:
     return pd.read_parquet(out / "analysis" / f"{name}.parquet")
 
 
-def _spec(name):
-    cfg = parse_study(textwrap.dedent(TINY))
+def _spec(study, name):
+    cfg = parse_study(study.text)
     return next(s for s in cfg.model_specs if s.name == name)
 
 
-def _theory(out: Path, name: str) -> theory.Theory:
-    cfg = parse_study(textwrap.dedent(TINY))
+def _theory(study, out: Path, name: str) -> theory.Theory:
+    cfg = parse_study(study.text)
     return theory._load(theory.cache_path(pipeline.analysis_dir(out), name, cfg.lr),
-                        theory.cache_key(_spec(name), cfg.lr, cfg.resolved_log_steps, ResultStore(out).resolved_study()["data_digest"]),
+                        theory.cache_key(_spec(study, name), cfg.lr, cfg.resolved_log_steps, ResultStore(out).resolved_study()["data_digest"]),
                         name, cfg.lr)
 
 
-def expected_members(model: str, width: int) -> int:
-    return 2 if (model, width) in {DIVERGED[:2], FAILED[:2]} else 4
+def expected_members(study, model: str, width: int) -> int:
+    return 2 if (model, width) in {study.diverged[:2], study.failed[:2]} else 4
 
 
 # ----- tests -------------------------------------------------------------------------------
-def test_tables_written(analysed):
+def test_tables_written(analysed, synthetic_study):
     d = analysed / "analysis"
     for name in pipeline.TABLES:
         assert (d / f"{name}.parquet").is_file(), name
         assert (d / f"{name}.csv").is_file() == (name not in pipeline.NO_CSV), name
-    for name in BIAS:
+    for name in synthetic_study.bias:
         assert (d / f"theory-{name}-0.5.npz").is_file()
 
 
-def test_ensemble_statistics_exact(analysed):
-    """Members sit at mean +- NOISE, so the mean, variance and SE are known in closed form;
+def test_ensemble_statistics_exact(analysed, synthetic_study):
+    """Members sit at mean +- noise, so the mean, variance and SE are known in closed form;
     the diverged unit's garbage (1e6-sized) must not reach any statistic."""
     p = read(analysed, "points")
-    m = np.array([expected_members(a, w) for a, w in zip(p["model"], p["width"])])
+    s = synthetic_study
+    m = np.array([expected_members(s, a, w) for a, w in zip(p["model"], p["width"])])
     assert (p["members"].to_numpy() == m).all()
-    bias = p["model"].map(BIAS) / p["width"]
+    bias = p["model"].map(s.bias) / p["width"]
     np.testing.assert_allclose(p["mean"], p["mu"] * (1 + bias), rtol=1e-12, atol=1e-15)
-    var = NOISE**2 * np.where(m == 4, 4 / 3, 2.0)  # sum of squared offsets / (M - 1)
+    var = s.noise**2 * np.where(m == 4, 4 / 3, 2.0)  # sum of squared offsets / (M - 1)
     np.testing.assert_allclose(p["var"], var, rtol=1e-9)  # sumsq - sum^2/M cancels ~1e-16 of mu^2 ~ 1
     np.testing.assert_allclose(p["se"], np.sqrt(var / m), rtol=1e-9)
     # z = (mean - mu) / se is known exactly; at step 0 mu = 0 and so is every member's centre
@@ -190,21 +84,22 @@ def test_ensemble_statistics_exact(analysed):
     np.testing.assert_allclose(p["z_theory"], p["mu"] * bias / np.sqrt(p["var_theory"] / m), rtol=1e-7, atol=1e-9)
 
 
-def test_units_listed(analysed):
+def test_units_listed(analysed, synthetic_study):
     u = read(analysed, "units").set_index(["model", "width", "member_start"])
-    assert u.loc[DIVERGED, "state"] == "diverged" and u.loc[DIVERGED, "steps_reached"] == 1
-    assert u.loc[FAILED, "state"] == "failed" and "synthetic failure" in u.loc[FAILED, "error"]
+    diverged, failed = synthetic_study.diverged, synthetic_study.failed
+    assert u.loc[diverged, "state"] == "diverged" and u.loc[diverged, "steps_reached"] == 1
+    assert u.loc[failed, "state"] == "failed" and "synthetic failure" in u.loc[failed, "error"]
     assert (u["state"] == "done").sum() == len(u) - 2
 
 
 @pytest.mark.parametrize("model", ["mlp_aug", "group_mlp", "mlp_plain"])
-def test_theory_is_the_orbit_prediction(analysed, model):
+def test_theory_is_the_orbit_prediction(analysed, model, synthetic_study, closed_form_kernel_fn):
     """The cached analytic mean at (sample i, element g) is predict_as_trained at L_g x_i, with
     the variance shared by the outputs: for mlp_aug the training rows come from the reused
     K(X_aug, X_aug), for group_mlp the values are copied along verified-invariant orbits."""
     data = ResultStore(analysed).load_data()
-    spec = _spec(model)
-    th = _theory(analysed, model)
+    spec = _spec(synthetic_study, model)
+    th = _theory(synthetic_study, analysed, model)
     assert th is not None and th.ok
     grp = spec.group_obj
     for ev, x in data.all_sets().items():
@@ -216,11 +111,11 @@ def test_theory_is_the_orbit_prediction(analysed, model):
         np.testing.assert_allclose(th.var[ev][:, i, g], direct.variance[:, 0], rtol=1e-6, atol=1e-9)
 
 
-def test_relative_error_and_width_slopes(analysed):
-    """mean - mu = mu BIAS/width, so the relative error is BIAS/width after step 0 and its slope is -1."""
+def test_relative_error_and_width_slopes(analysed, synthetic_study):
+    """mean - mu = mu bias/width, so the relative error is bias/width after step 0 and its slope is -1."""
     a = read(analysed, "agreement")
     late = a[a["step"] > 0]
-    np.testing.assert_allclose(late["rel_err"], late["model"].map(BIAS) / late["width"], rtol=1e-9)
+    np.testing.assert_allclose(late["rel_err"], late["model"].map(synthetic_study.bias) / late["width"], rtol=1e-9)
     assert (late["scale_kind"] == "RMS(mu)").all()
     first = a[a["step"] == 0]
     assert (first["rel_err"] == 0).all()  # every member's centre is mu = 0 at initialisation
@@ -234,21 +129,22 @@ def test_relative_error_and_width_slopes(analysed):
     assert (c["n_widths"] == 2).all()
 
 
-def test_pair_gaps_exact(analysed):
+def test_pair_gaps_exact(analysed, synthetic_study):
     """The gap of (mlp_aug, group_mlp) recomputed from the theory arrays and the construction."""
     g = read(analysed, "pairs")
     pair = g[(g["a"] == "mlp_aug") & (g["b"] == "group_mlp")]
     assert set(pair["kind"]) == {"augmentation"}
-    ta, tb = _theory(analysed, "mlp_aug"), _theory(analysed, "group_mlp")
+    s = synthetic_study
+    ta, tb = _theory(s, analysed, "mlp_aug"), _theory(s, analysed, "group_mlp")
     for _, r in pair.iterrows():
         k = ta.steps.index(r["step"])
         mua, mub = ta.mean[r["eval_set"]][k], tb.mean[r["eval_set"]][k]
-        diff = mua * (1 + BIAS["mlp_aug"] / r["width"]) - mub * (1 + BIAS["group_mlp"] / r["width"])
-        ma, mb = expected_members("mlp_aug", r["width"]), expected_members("group_mlp", r["width"])
-        comb = NOISE**2 * ((4 / 3 if ma == 4 else 2.0) / ma + (4 / 3 if mb == 4 else 2.0) / mb)
+        diff = mua * (1 + s.bias["mlp_aug"] / r["width"]) - mub * (1 + s.bias["group_mlp"] / r["width"])
+        ma, mb = expected_members(s, "mlp_aug", r["width"]), expected_members(s, "group_mlp", r["width"])
+        comb = s.noise**2 * ((4 / 3 if ma == 4 else 2.0) / ma + (4 / 3 if mb == 4 else 2.0) / mb)
         np.testing.assert_allclose(r["gap_se"], np.sqrt(np.mean(diff**2) / comb), rtol=1e-7, atol=1e-12)
         assert r["n_points"] == diff.size
-    # THEOREM (THEORY section 6) with the closed-form kernels: identical analytic means
+    # the augmentation theorem (docs/theory.md §6) with the closed-form kernels: identical analytic means
     assert pair["theory_rel_gap"].max() < 1e-7
     kinds = {(r.a, r.b): r.kind for r in g.itertuples()}
     assert kinds[("group_mlp", "group_mlp_full")] == "gcnn"
@@ -272,7 +168,7 @@ def test_orbit_spread(analysed):
     assert (s["order"] == 4).all()
 
 
-def test_theory_cache_reused_and_invalidated(results, analysed, tmp_path):
+def test_theory_cache_reused_and_invalidated(results, analysed, closed_form_kernel_fn):
     def refuse(*a, **k):
         raise AssertionError("the cached theory should have been used")
 
@@ -292,7 +188,7 @@ def test_theory_cache_reused_and_invalidated(results, analysed, tmp_path):
     assert set(calls) == {"mlp_plain"}
 
 
-def test_kernel_failure_is_reported_not_fatal(results, tmp_path):
+def test_kernel_failure_is_reported_not_fatal(results, tmp_path, closed_form_kernel_fn):
     import shutil
 
     out = tmp_path / "copy"
@@ -313,12 +209,12 @@ def test_kernel_failure_is_reported_not_fatal(results, tmp_path):
     assert p.loc[p["model"] == "mlp_aug", "mu"].notna().all()
 
 
-def test_equivariant_shortcut_falls_back_when_not_invariant():
+def test_equivariant_shortcut_falls_back_when_not_invariant(synthetic_study, closed_form_kernel_fn):
     """A kernel that is not orbit invariant (the plain MLP's, given for a group_mlp spec) fails
     the probe check, and then every orbit point is computed."""
-    cfg = parse_study(textwrap.dedent(TINY))
+    cfg = parse_study(synthetic_study.text)
     data = build_data(cfg.data, cfg.seed)
-    spec = _spec("group_mlp")
+    spec = _spec(synthetic_study, "group_mlp")
 
     def not_invariant(s, shape, n_out):
         return closed_form_kernel_fn(s.model_copy(update={"arch": "mlp"}), shape, n_out)
@@ -370,7 +266,7 @@ def test_real_study_end_to_end(tmp_path):
     p = t["points"]
     assert p["mu"].notna().all() and np.isfinite(p["z"]).all()
     assert (p["members"] == 4).all()
-    # THEORY section 6 with the real kernels: the augmented models' analytic means equal the GCNNs'
+    # docs/theory.md §6 with the real kernels: the augmented models' analytic means equal the GCNNs'
     pairs = t["pairs"]
     aug = pairs[(pairs["kind"] == "augmentation") & (pairs["step"] > 0)]
     assert {("mlp_aug", "group_mlp"), ("cnn_aug", "gcnn")} <= set(zip(aug["a"], aug["b"]))

@@ -1,7 +1,7 @@
 """The notebooks run top to bottom on a results directory named by EQNTK_RESULTS.
 
-The directory is test_analysis's synthetic one, analysed beforehand with its closed-form
-kernels (the notebooks read the tables and theory caches ``eqntk analyze`` leaves).
+The directory is conftest's synthetic one (``make_results``), analysed beforehand with the
+closed-form kernels (the notebooks read the tables and theory caches ``eqntk analyze`` leaves).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import pytest
 from nbclient import NotebookClient
 
 from eqntk import pipeline
-from test_analysis import closed_form_kernel_fn, make_results
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
+def results(tmp_path_factory, make_results, closed_form_kernel_fn) -> Path:
     out = make_results(tmp_path_factory.mktemp("notebooks") / "run")
     pipeline.analyze(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
     return out

@@ -18,13 +18,12 @@ import pytest
 from analysis import report
 from eqntk import pipeline
 from eqntk.store import ResultStore
-from test_analysis import closed_form_kernel_fn, make_results
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory) -> Path:
+def page(tmp_path_factory, make_results, closed_form_kernel_fn) -> Path:
     out = make_results(tmp_path_factory.mktemp("report") / "run")
     return pipeline.report(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
 
@@ -104,14 +103,14 @@ def test_renders_in_chromium(page, tmp_path):
         assert (page.parent / s).is_file(), s
 
 
-def test_report_before_any_unit_finished(tmp_path):
+def test_report_before_any_unit_finished(tmp_path, synthetic_study, closed_form_kernel_fn):
     """A results directory whose units are all pending still gets a page that says so."""
     import textwrap
 
     from eqntk.cli import resolved_study
     from study.config import parse_study
     from study.data import build_data
-    from test_analysis import TINY
+    TINY = synthetic_study.text
 
     cfg = parse_study(textwrap.dedent(TINY))
     data = build_data(cfg.data, cfg.seed)
