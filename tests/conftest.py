@@ -77,6 +77,15 @@ def refused(capsys):
     return check
 
 
+STUDIES = Path(__file__).parent / "studies"
+
+
+@pytest.fixture(scope="session")
+def regression_small_study() -> str:
+    """A small kernel-regression study (C4, rotated digits, cnn / cnn_aug / gcnn) as YAML text."""
+    return (STUDIES / "regression_small.yaml").read_text()
+
+
 # ----- a synthetic results directory whose every number is known in advance ----------------
 # The analytic predictions come from closed-form kernels (one-hidden-layer ReLU MLP in NTK
 # parameterisation, docs/theory.md §2, and its orbit average for the identity-support group

@@ -263,10 +263,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("case,text,words", BAD, ids=[c[0] for c in BAD])
-def test_bad_molecule_studies_refused(tmp_path, refused, case, text, words):
+def test_bad_molecule_studies_refused(tmp_path, refused, regression_small_study, case, text, words):
     if text is None:
-        text = (Path(__file__).parent / "test_regression.py").read_text().split('SMALL = """')[1].split('"""')[0]
-        text = text.replace("block_size: 12", "block_size: 12\n  baseline: mean")
+        text = regression_small_study.replace("block_size: 12", "block_size: 12\n  baseline: mean")
     _fake_set(tmp_path / "mols.npz")
     refused(_write(tmp_path, text), tmp_path / "out", words)
 

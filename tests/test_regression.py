@@ -15,26 +15,8 @@ from study.config import RotatedDigitsSource, parse_study
 
 BUILTIN = Path(__file__).resolve().parents[1] / "study" / "builtin"
 
-SMALL = """
-name: reg
-kind: kernel_regression
-seed: 1
-group: C4
-data:
-  train: {source: rotated_digits, n: 24}
-regression:
-  test: {source: rotated_digits, n: 12, start: 1000}
-  sizes: [6, 12]
-  draws: 3
-  kernels: [ntk, nngp]
-  times: [inf, 50.0]
-  diag_reg: 1.0e-4
-  block_size: 12
-models:
-  - {name: cnn, arch: cnn, depth: 1}
-  - {name: cnn_aug, arch: cnn, depth: 1, augmentation: full_orbit}
-  - {name: gcnn, arch: gcnn, depth: 1, support: identity}
-"""
+# a file, not a fixture: BAD below needs it at import (conftest's regression_small_study serves it too)
+SMALL = (Path(__file__).parent / "studies" / "regression_small.yaml").read_text()
 
 
 def write(d: Path, text: str, name="study.yaml") -> Path:
