@@ -1,11 +1,11 @@
 import os
-import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 # escnn warns at import that py3nj is missing (only SO(3) Clebsch-Gordan speed); not ours to fix.
 warnings.filterwarnings("ignore", message=".*py3nj.*")
@@ -86,6 +86,31 @@ def regression_small_study() -> str:
     return (STUDIES / "regression_small.yaml").read_text()
 
 
+# ----- the tiny C4 digits study and its variations ------------------------------------------
+def tiny_c4_study(noise_n: int = 3, **fields) -> str:
+    """A tiny ensemble study (C4, 6 digits to train on, ``noise_n`` Gaussian inputs to evaluate
+    on, an augmented MLP and a group MLP, widths 8 and 16) as YAML text, with the top-level
+    ``fields`` given replaced; a field given as None is left out."""
+    study = dict(
+        name="tiny", seed=3,
+        data={"train": {"source": "digits", "n": 6}, "eval": [{"name": "noise", "data": {"source": "gaussian", "n": noise_n}}]},
+        group="C4",
+        models=[dict(name="mlp_aug", arch="mlp", depth=1, augmentation="full_orbit"),
+                dict(name="gmlp", arch="group_mlp", depth=1, support="identity")],
+        widths=[8, 16], ensemble_size=4, members_per_unit=2, lr=0.5, steps=20, log_steps=[0, 1, 5, 20],
+    )
+    study.update(fields)
+    study = {k: v for k, v in study.items() if v is not None}
+    return yaml.safe_dump(study, sort_keys=False, default_flow_style=None, width=200)
+
+
+@pytest.fixture(scope="session")
+def tiny_study():
+    """``tiny_study(noise_n=3, **fields) -> str``: the tiny C4 digits study's YAML text, top-level
+    ``fields`` replaced (None leaves one out)."""
+    return tiny_c4_study
+
+
 # ----- a synthetic results directory whose every number is known in advance ----------------
 # The analytic predictions come from closed-form kernels (one-hidden-layer ReLU MLP in NTK
 # parameterisation, docs/theory.md §2, and its orbit average for the identity-support group
@@ -102,27 +127,13 @@ class SyntheticStudy:
 
 
 SYNTHETIC = SyntheticStudy(
-    text=textwrap.dedent("""
-        name: tiny-analysis
-        seed: 1
-        data:
-          train: {source: digits, n: 6}
-          eval:
-            - {name: noise, data: {source: gaussian, n: 3}}
-        group: C4
-        models:
-          - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
-          - {name: group_mlp, arch: group_mlp, depth: 1, support: identity}
-          - {name: group_mlp_full, arch: group_mlp, depth: 1, support: full}
-          - {name: mlp_plain, arch: mlp, depth: 1}
-          - {name: mlp_random, arch: mlp, depth: 1, augmentation: random}
-        widths: [8, 32]
-        ensemble_size: 4
-        members_per_unit: 2
-        lr: 0.5
-        steps: 20
-        log_steps: [0, 1, 5, 20]
-        """),
+    text=tiny_c4_study(
+        name="tiny-analysis", seed=1, widths=[8, 32],
+        models=[dict(name="mlp_aug", arch="mlp", depth=1, augmentation="full_orbit"),
+                dict(name="group_mlp", arch="group_mlp", depth=1, support="identity"),
+                dict(name="group_mlp_full", arch="group_mlp", depth=1, support="full"),
+                dict(name="mlp_plain", arch="mlp", depth=1),
+                dict(name="mlp_random", arch="mlp", depth=1, augmentation="random")]),
     pattern=np.array([1.0, -1.0, 1.0, -1.0]),
     noise=0.05,
     bias={"mlp_aug": 0.4, "group_mlp": 0.2, "group_mlp_full": 0.3, "mlp_plain": 0.8, "mlp_random": 0.5},

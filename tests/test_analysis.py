@@ -11,7 +11,6 @@ and one failed, as the runner records them.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -228,35 +227,19 @@ def test_equivariant_shortcut_falls_back_when_not_invariant(synthetic_study, clo
 
 
 # ----- the real thing: workers, kernels, CLI ----------------------------------------------
-REAL = """
-name: tiny-real
-seed: 2
-data:
-  train: {source: digits, n: 6}
-  eval:
-    - {name: noise, data: {source: gaussian, n: 2}}
-group: C4
-models:
-  - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
-  - {name: group_mlp, arch: group_mlp, depth: 1, support: identity}
-  - {name: cnn_aug, arch: cnn, depth: 1, augmentation: full_orbit}
-  - {name: gcnn, arch: gcnn, depth: 1, support: identity}
-widths: [8, 16]
-ensemble_size: 4
-lr: 0.5
-steps: 10
-log_steps: [0, 1, 10]
-"""
-
-
-def test_real_study_end_to_end(tmp_path):
+def test_real_study_end_to_end(tmp_path, tiny_study):
     """``eqntk run`` trains, analyses with the real kernel engine and writes the report."""
     pytest.importorskip("analysis.kernels")
     pytest.importorskip("workers.models")
     from eqntk.cli import main
 
     study = tmp_path / "real.yaml"
-    study.write_text(textwrap.dedent(REAL))
+    study.write_text(tiny_study(
+        name="tiny-real", seed=2, noise_n=2, members_per_unit=None, steps=10, log_steps=[0, 1, 10],
+        models=[dict(name="mlp_aug", arch="mlp", depth=1, augmentation="full_orbit"),
+                dict(name="group_mlp", arch="group_mlp", depth=1, support="identity"),
+                dict(name="cnn_aug", arch="cnn", depth=1, augmentation="full_orbit"),
+                dict(name="gcnn", arch="gcnn", depth=1, support="identity")]))
     out = tmp_path / "out"
     assert main(["run", str(study), "--out", str(out), "--no-progress"]) == 0
     assert (out / "report" / "index.html").is_file()

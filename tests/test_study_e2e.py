@@ -1,7 +1,6 @@
 """A tiny study end to end in local Ray mode: the documented columns, the row count the
 grid implies, identical values on rerun with the same seed, and resume semantics."""
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,31 +10,11 @@ import pytest
 from eqntk.cli import main
 from eqntk.store import PART_SCHEMA
 
-TINY = """
-name: tiny
-seed: 3
-data:
-  train: {source: digits, n: 6}
-  eval:
-    - {name: noise, data: {source: gaussian, n: 3}}
-group: C4
-models:
-  - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
-  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}
-widths: [8, 16]
-ensemble_size: 4
-members_per_unit: 2
-lr: 0.5
-steps: 20
-log_steps: [0, 1, 5, 20]
-"""
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
+def study(tmp_path_factory, tiny_study) -> Path:
     d = tmp_path_factory.mktemp("tiny")
     p = d / "tiny.yaml"
-    p.write_text(textwrap.dedent(TINY))
+    p.write_text(tiny_study())
     return p
 
 
