@@ -389,36 +389,20 @@ def test_sgd_cross_entropy_learns_the_classes():
     assert result.losses[-20:].mean() < 0.5 * result.losses[0].mean()
 
 
-SGD_STUDY = """
-name: tiny-sgd
-seed: 4
-data:
-  train: {source: digits, n: 6}
-  eval:
-    - {name: noise, data: {source: gaussian, n: 2}}
-group: C4
-models:
-  - {name: mlp_aug, arch: mlp, depth: 1, augmentation: full_orbit}
-  - {name: mlp_aug_sgd, arch: mlp, depth: 1, augmentation: full_orbit, loss: cross_entropy, optimizer: sgd, batch_size: 4}
-  - {name: gmlp_sgd, arch: group_mlp, depth: 1, support: identity, loss: cross_entropy, optimizer: sgd, batch_size: 4}
-widths: [8]
-ensemble_size: 4
-lr: 0.5
-steps: 10
-log_steps: [0, 1, 10]
-"""
-
-
-def test_sgd_cross_entropy_study_end_to_end(tmp_path):
+def test_sgd_cross_entropy_study_end_to_end(tmp_path, tiny_study):
     """``eqntk run`` with analysis and report: models without an analytic counterpart get no kernel
     and stay out of the comparisons with theory, but not out of the ensemble-only ones."""
-    import textwrap
-
     from eqntk import pipeline
     from eqntk.cli import main
 
     study = tmp_path / "sgd.yaml"
-    study.write_text(textwrap.dedent(SGD_STUDY))
+    study.write_text(tiny_study(
+        name="tiny-sgd", seed=4, noise_n=2, widths=[8], members_per_unit=None, steps=10, log_steps=[0, 1, 10],
+        models=[dict(name="mlp_aug", arch="mlp", depth=1, augmentation="full_orbit"),
+                dict(name="mlp_aug_sgd", arch="mlp", depth=1, augmentation="full_orbit",
+                     loss="cross_entropy", optimizer="sgd", batch_size=4),
+                dict(name="gmlp_sgd", arch="group_mlp", depth=1, support="identity",
+                     loss="cross_entropy", optimizer="sgd", batch_size=4)]))
     out = tmp_path / "out"
     assert main(["run", str(study), "--out", str(out), "--no-progress"]) == 0
     assert (out / "report" / "index.html").is_file()
