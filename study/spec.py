@@ -24,6 +24,10 @@ Loss = Literal["mse", "cross_entropy"]
 Optimizer = Literal["gd", "sgd"]
 KernelMode = Literal["grid", "relative"]
 SO3_ARCHS = ("so3_gcnn", "sphere_mlp")
+# Equivariant by construction (so augmentation is refused); GROUP_ARCHS of them are built
+# from group layers with a filter ``support`` and ``basis`` (docs/models.md).
+EQUIVARIANT_ARCHS = ("gcnn", "group_mlp", "so3_gcnn")
+GROUP_ARCHS = ("gcnn", "group_mlp")
 
 # Training fields and their defaults. At their defaults they are left out of the spec's dump
 # (``ModelSpec._dump``), so unit ids, resolved studies and cache keys of studies written
@@ -42,7 +46,7 @@ class ModelSpec(BaseModel):
     - ``group``: the symmetry group. It defines the GCNN layers, the augmentation orbit,
       and the orbits on which eval inputs are logged. For ``mlp`` and ``cnn`` with
       ``augmentation: none`` it only sets the eval orbits.
-    - ``support`` and ``basis`` apply to ``gcnn`` and ``group_mlp`` only.
+    - ``support`` and ``basis`` apply to ``GROUP_ARCHS`` (``gcnn``, ``group_mlp``) only.
     - ``loss``, ``optimizer``, ``batch_size``: how the members are trained (docs/models.md,
       "Training"). Only full-batch GD on the MSE (the defaults) has an analytic counterpart.
     """
@@ -105,8 +109,7 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _combinations(self) -> "ModelSpec":
         self._so3_combinations()
-        equivariant = self.arch in ("gcnn", "group_mlp", "so3_gcnn")
-        if equivariant and self.augmentation != "none":
+        if self.equivariant and self.augmentation != "none":
             raise ValueError(
                 f"augmentation: model {self.name} is already equivariant ({self.arch}); use augmentation: none"
             )
@@ -114,7 +117,7 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"kernel_size: GCNN {self.name} needs an odd kernel so rotations map the filter onto itself"
             )
-        if self.arch in ("gcnn", "group_mlp") and self.basis == "escnn" and self.support != "full":
+        if self.arch in GROUP_ARCHS and self.basis == "escnn" and self.support != "full":
             raise ValueError(
                 f"support: escnn's own basis spans full-support filters only; use support: full for {self.name}"
             )
@@ -190,7 +193,8 @@ class ModelSpec(BaseModel):
 
     @property
     def equivariant(self) -> bool:
-        return self.arch in ("gcnn", "group_mlp", "so3_gcnn")
+        """Whether the model is equivariant by construction (``EQUIVARIANT_ARCHS``)."""
+        return self.arch in EQUIVARIANT_ARCHS
 
     @property
     def so3(self) -> bool:
