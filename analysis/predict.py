@@ -1,4 +1,4 @@
-"""Predictions of an infinitely wide ensemble over training time (THEORY section 5).
+"""Predictions of an infinitely wide ensemble over training time (docs/theory.md §5).
 
 Linearised full-batch gradient descent on ``L = (1/(2N)) sum_i ||f(x_i) - y_i||^2`` from a
 mean-zero Gaussian initial function with NNGP ``K``, driven by the NTK ``Theta``:
@@ -16,7 +16,7 @@ with the scalar filter ``g_k(lam) = (1 - (1 - eta lam/N)^k) / lam`` (discrete) o
 eigenvalues keep full precision and ``lam = 0`` gives the limit ``k eta/N`` (``t/N``).
 
 ``predict_as_trained`` applies this to a model spec as it is trained: plain, with
-full-orbit augmentation (own kernels on the ``|G| N`` augmented set, THEORY section 6), or
+full-orbit augmentation (own kernels on the ``|G| N`` augmented set, docs/theory.md §6), or
 with random augmentation (mean only).
 """
 
@@ -276,8 +276,7 @@ def augment_full_orbit(spec, x, y) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     grp = spec.group_obj
-    orbit = grp.orbit_image(x) if x.ndim == 4 else grp.orbit_ring(x)  # [N, |G|, ...]
-    x_aug = orbit.reshape(-1, *x.shape[1:])
+    x_aug = grp.orbit_rows(x)  # row i |G| + g is L_g x_i (docs/theory.md §1)
     y_aug = np.repeat(y, grp.order, axis=0)
     return x_aug, y_aug
 
@@ -301,7 +300,7 @@ def predict_as_trained(
 
     - ``none`` (and every ``gcnn`` / ``group_mlp``): the model's kernels on the ``N`` samples.
     - ``full_orbit``: the model's own, not orbit-averaged, kernels on the ``|G| N`` augmented
-      set, loss over ``|G| N`` (THEORY section 6). This is exact for any architecture.
+      set, loss over ``|G| N`` (docs/theory.md §6). This is exact for any architecture.
       With ``use_orbit_mean=True`` the mean instead uses the orbit-averaged kernel
       (``mean_kernel_fn``) on the ``N`` originals; this short cut equals the exact mean only
       for models with a jointly invariant NTK (MLP; CNN with circular padding and gap

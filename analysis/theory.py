@@ -85,11 +85,8 @@ def no_counterpart(spec: ModelSpec) -> Optional[str]:
 
 
 def orbit_points(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
-    """``[n, ...] -> [n |G|, ...]``, row ``i |G| + g`` is ``L_g x_i`` under the model's group."""
-    grp = spec.group_obj
-    x = np.asarray(x, dtype=np.float64)
-    orbit = grp.orbit_image(x) if x.ndim == 4 else grp.orbit_ring(x)
-    return orbit.reshape(len(x) * grp.order, *x.shape[1:])
+    """``[n, ...] -> [n |G|, ...]``, row ``i |G| + g`` is ``L_g x_i`` under the model's group (docs/theory.md §1)."""
+    return spec.group_obj.orbit_rows(np.asarray(x, dtype=np.float64))
 
 
 # Source files whose code decides the analytic numbers: the kernel engine (every analysis

@@ -16,6 +16,9 @@ One convention for the whole project, chosen to match escnn so that escnn's fiel
 
 Every action is a permutation ``perm`` of the flattened positions, applied as
 ``(L_g x).flat = x.flat[perm[g]]``, so it works on numpy arrays and torch tensors alike.
+
+``orbit_rows`` is the one place that lays out a set expanded to its orbits (docs/theory.md §1):
+row ``i |G| + g`` holds ``L_g x_i``, for ``C<n>``, ``D<n>`` and the logged rotations of SO(3).
 """
 
 from __future__ import annotations
@@ -33,8 +36,24 @@ from .sphere import dh_grid, random_rotations, rotate_signal
 _NAME = re.compile(r"^([CD])(\d+)$")
 
 
+class _Orbits:
+    """Orbits of a batch of samples, from a group's ``orbit_image``/``orbit_ring`` and ``order``."""
+
+    def orbit(self, x):
+        """``[N, *shape] -> [N, |G|, *shape]`` with ``[:, g] = L_g x`` (images ``[C, H, W]``, rings ``[C, m]``)."""
+        if x.ndim == 4:
+            return self.orbit_image(x)
+        if x.ndim == 3:
+            return self.orbit_ring(x)
+        raise ValueError(f"data: inputs must be images [N, C, H, W] or ring signals [N, C, m], got shape {tuple(x.shape)}")
+
+    def orbit_rows(self, x):
+        """``[N, *shape] -> [N |G|, *shape]``: row ``i |G| + g`` is ``L_g x_i`` (docs/theory.md §1)."""
+        return self.orbit(x).reshape(x.shape[0] * self.order, *x.shape[1:])
+
+
 @dataclass(frozen=True)
-class Group:
+class Group(_Orbits):
     """The cyclic group ``C<n>`` or the dihedral group ``D<n>`` (order ``2n``)."""
 
     n: int
@@ -167,7 +186,7 @@ def group_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class SO3Group:
+class SO3Group(_Orbits):
     """SO(3) acting on signals on the DH grid (``study.sphere``), ``(R s)(x) = s(R^-1 x)``.
 
     A continuous group has no finite orbit: eval inputs are logged on a fixed, seeded sample

@@ -10,7 +10,7 @@ from study.data import StudyData
 from study.grid import UnitSpec
 from study.groups import Group
 from study.spec import ModelSpec
-from workers.augment import FullOrbit, Minibatches, RandomOrbit, make_augmentation, orbit
+from workers.augment import FullOrbit, Minibatches, RandomOrbit, make_augmentation
 from workers.ensemble import Ensemble, member_seeds
 from workers.models import build_model, init_parameters
 from workers.train import orbit_inputs, train_gd
@@ -86,7 +86,7 @@ def test_random_orbit_is_seeded_per_member_and_stays_in_the_orbit():
     seeds = member_seeds(0, "m", 8, 0, 3, purpose="augment")
     a, b = RandomOrbit(g, x, y, seeds), RandomOrbit(g, x, y, seeds)
     alone = RandomOrbit(g, x, y, seeds[2:])  # member 2 in a unit of its own
-    orbits = orbit(g, x)
+    orbits = g.orbit(x)
     draws = []
     for _ in range(4):
         ba, bb, bc = a.next_batch(), b.next_batch(), alone.next_batch()
@@ -207,7 +207,7 @@ def test_members_do_not_depend_on_how_units_split_them(fields):
 
 
 def test_full_orbit_unit_mean_is_more_invariant_than_no_augmentation():
-    """Emergent invariance (THEORY 6): the full-orbit ensemble's training pulls orbits together."""
+    """Emergent invariance (docs/theory.md §6): the full-orbit ensemble's training pulls orbits together."""
     data = study_data(n=8)
     base = unit(MLP, 0, 8, lr=1.0, steps=150, log_steps=(0, 150))
     spread = {}

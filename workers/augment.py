@@ -20,12 +20,8 @@ from study.sphere import dh_grid, isht, random_rotations, rotate_coeffs, sht
 
 
 def orbit(group: Group, x: torch.Tensor) -> torch.Tensor:
-    """``[N, *shape] -> [N, |G|, *shape]`` with ``[:, g] = L_g x`` (images ``[C, H, W]``, rings ``[C, m]``)."""
-    if x.ndim == 4:
-        return group.orbit_image(x)
-    if x.ndim == 3:
-        return group.orbit_ring(x)
-    raise ValueError(f"data: inputs must be images [N, C, H, W] or ring signals [N, C, m], got shape {tuple(x.shape)}")
+    """``group.orbit(x)``: ``[N, *shape] -> [N, |G|, *shape]`` with ``[:, g] = L_g x``."""
+    return group.orbit(x)
 
 
 @dataclass
@@ -59,8 +55,7 @@ class FullOrbit:
 
     def __init__(self, group: Group, x: torch.Tensor, y: torch.Tensor):
         self.x = x
-        n = x.shape[0]
-        xs = orbit(group, x).reshape(n * group.order, *x.shape[1:])
+        xs = group.orbit_rows(x)
         ys = y.repeat_interleave(group.order, dim=0)
         self._batch = Batch(xs, ys, per_member=False)
 
@@ -79,7 +74,7 @@ class RandomOrbit:
     def __init__(self, group: Group, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]):
         self.x = x
         self.order = group.order
-        self._orbit = orbit(group, x)  # [N, |G|, *shape], on x's device
+        self._orbit = group.orbit(x)  # [N, |G|, *shape], on x's device
         self._rows = torch.arange(x.shape[0], device=x.device)
         self._y = y
         self._generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
