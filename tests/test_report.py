@@ -1,6 +1,6 @@
 """The HTML report: its files, verdicts that follow the numbers, and that a real browser renders it.
 
-Uses the synthetic results directory of test_analysis (closed-form kernels, known offsets).
+Uses the synthetic results directory of conftest's ``make_results`` (closed-form kernels, known offsets).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import report
+from analysis import verdicts
+from analysis.summary import Summary, fmt, summary_table
 from eqntk import pipeline
 from eqntk.store import ResultStore
 
@@ -53,24 +54,24 @@ def test_verdicts_follow_the_numbers(page):
     tables = pipeline.load_tables(out)
     assert tables is not None  # the report's own tables are current
     resolved = ResultStore(out).resolved_study()
-    s = report.Summary(tables, resolved)
-    summary = report.summary_table(s)
+    s = Summary(tables, resolved)
+    summary = summary_table(s)
     text = page.read_text()
     for v in summary["median_abs_z"]:
-        assert report._fmt(v) in text
-    assert "within 3 SE in 8 of 8" in report.verdict_theorem(s)
-    assert "falls for 5 of 5 models" in report.verdict_width(s, summary)
+        assert fmt(v) in text
+    assert "within 3 SE in 8 of 8" in verdicts.theorem(s)
+    assert "falls for 5 of 5 models" in verdicts.width(s, summary)
 
     # push the augmented ensemble's mean far from the GCNN's: the theorem verdict must say so
     bad = {k: v.copy() for k, v in tables.items()}
     bad["pairs"]["diff_ss"] *= 1e8  # gaps 1e4 times larger
     bad["pairs"] = bad["pairs"].pipe(lambda d: d.assign(gap_se=np.sqrt(d["diff_ss"] / d["comb_ss"])))
-    assert "within 3 SE in 0 of 8" in report.verdict_theorem(report.Summary(bad, resolved))
+    assert "within 3 SE in 0 of 8" in verdicts.theorem(Summary(bad, resolved))
     # z-scores far beyond the null make the agreement verdict say "deviates"
     bad = {k: v.copy() for k, v in tables.items()}
     bad["points"]["z"] *= 1e3
-    assert "deviates from theory" in report.verdict_agreement(report.Summary(bad, resolved))
-    assert "deviates" not in report.verdict_agreement(s)
+    assert "deviates from theory" in verdicts.agreement(Summary(bad, resolved))
+    assert "deviates" not in verdicts.agreement(s)
 
 
 def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,224 @@
+"""The report's figures: one PNG per plot, each made by ``figure`` (panels, shared styling,
+atomic save, close). A plot returns its caption, or None when it has nothing to show."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; before pyplot loads
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats as sps  # noqa: E402
+
+from study.atomic import atomic_path  # noqa: E402
+
+from . import compare  # noqa: E402
+from .summary import FAMILIES, Summary, fmt  # noqa: E402
+from .verdicts import GAP_SE_LIMIT  # noqa: E402
+
+# Small panel titles and legends, so that a row of panels fits the page's width.
+REPORT_STYLE = {"axes.titlesize": 9, "legend.fontsize": 6}
+
+
+@contextmanager
+def figure(path: Path, n_panels: int, *, ncols: Optional[int] = None, panel: tuple[float, float] = (4, 3.4),
+           titles: Sequence[str] = (), dpi: int = 90, style: Optional[dict] = None,
+           **subplots) -> Iterator[tuple[plt.Figure, np.ndarray]]:
+    """``with figure(path, n) as (fig, axes):`` draw into ``axes`` (rows x columns, ``ncols``
+    per row, default all in one row; ``panel`` inches each); panels past ``n_panels`` are
+    blank. ``titles`` name the panels in row order. On leaving, the figure is laid out and
+    saved to ``path`` at ``dpi`` atomically, then closed (also when drawing fails).
+    ``style`` (rcParams, default ``REPORT_STYLE``) applies to everything drawn inside."""
+    ncols = ncols or n_panels
+    nrows = -(-n_panels // ncols)
+    with plt.rc_context(REPORT_STYLE if style is None else style):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(panel[0] * ncols, panel[1] * nrows), squeeze=False, **subplots)
+        try:
+            for ax, title in zip(axes.flat, titles):
+                ax.set_title(title)
+            for ax in axes.flat[n_panels:]:
+                ax.axis("off")
+            yield fig, axes
+            fig.tight_layout()
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=dpi)
+        finally:
+            plt.close(fig)
+
+
+def _time_axis(ax, lr: float) -> None:
+    ax.set_xscale("symlog", linthresh=max(lr, 1e-12))
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training time t = lr * step")
+
+
+def trajectories(s: Summary, path: Path) -> Optional[str]:
+    pts = s.t["points"]
+    if not len(pts) or pts["mu"].isna().all():
+        return None
+    sets = s.eval_sets(pts)
+    ev = next((e for e in sets if e != "train"), sets[0])
+    first = next(m for m in s.model_order if ((pts["model"] == m) & pts["mu"].notna()).any())
+    ref = pts[(pts["model"] == first) & (pts["lr"] == s.model_lr[first]) & (pts["eval_set"] == ev) & (pts["sample"] == 0)
+              & (pts["group_element"] == 0) & (pts["width"] == s.largest[(first, s.model_lr[first])])]
+    last = ref[ref["step"] == ref["step"].max()]
+    if not len(last):
+        return None
+    output = int(last.loc[last["mu"].abs().idxmax(), "output"])
+    models = [m for m in s.model_order if (m, s.model_lr.get(m)) in s.largest]
+    with figure(path, len(models), ncols=min(3, len(models)), panel=(4.2, 3.2), sharey=True) as (fig, axes):
+        for ax, m in zip(axes.flat, models):
+            lr = s.model_lr[m]
+            w = s.largest[(m, lr)]
+            d = pts[(pts["model"] == m) & (pts["lr"] == lr) & (pts["width"] == w) & (pts["eval_set"] == ev)
+                    & (pts["sample"] == 0) & (pts["group_element"] == 0) & (pts["output"] == output)].sort_values("time")
+            t = d["time"].to_numpy()
+            ax.fill_between(t, d["mean"] - 2 * d["se"], d["mean"] + 2 * d["se"], alpha=0.3, label="ensemble mean ± 2 SE")
+            ax.plot(t, d["mean"], "o-", ms=3)
+            ax.plot(t, d["mu"], "k--", label="analytic mean")
+            if d["var_theory"].notna().any():
+                band = 2 * np.sqrt(d["var_theory"] / d["members"])
+                ax.plot(t, d["mu"] - band, "k:", lw=0.8)
+                ax.plot(t, d["mu"] + band, "k:", lw=0.8, label="analytic ± 2 SE")
+            ax.set_title(f"{m}, width {w}, lr {lr:g}, M={int(d['members'].min())}")
+            _time_axis(ax, lr)
+        axes.flat[0].legend(fontsize=7)
+        axes.flat[0].set_ylabel(f"f(x), output {output}")
+        fig.suptitle(f"Ensemble mean against theory: {ev} sample 0, identity orbit point", fontsize=10)
+    return (f"Ensemble mean (band: ± 2 standard errors of the ensemble) against the analytic mean (dashed; dotted: "
+            f"± 2 analytic SE) over training time, for {ev} sample 0, output {output}, at each model's largest width.")
+
+
+def error_vs_width(s: Summary, path: Path) -> Optional[str]:
+    conv = s.t["convergence"]
+    pooled = compare.pooled_errors(s.agr, ["model", "lr", "eval_set", "width"])
+    if not len(pooled) or pooled["width"].nunique() < 1:
+        return None
+    sets = s.eval_sets(pooled)
+    with figure(path, len(sets), titles=[f"relative error: {ev}" for ev in sets]) as (fig, axes):
+        for ax, ev in zip(axes.flat, sets):
+            for i, m in enumerate(s.model_order):
+                for lr in s.lrs:
+                    d = pooled[(pooled["model"] == m) & (pooled["lr"] == lr) & (pooled["eval_set"] == ev)].sort_values("width")
+                    if not len(d):
+                        continue
+                    c = conv[(conv["model"] == m) & (conv["lr"] == lr) & (conv["eval_set"] == ev) & conv["step"].isna()]
+                    slope = c["slope_err"].iloc[0] if len(c) else np.nan
+                    color = f"C{i % 10}"
+                    ax.loglog(d["width"], d["rel_err"], "o-", color=color, label=f"{m} (slope {fmt(slope, 2)})")
+                    ax.loglog(d["width"], d["rel_noise"], ":", color=color, lw=0.8)
+            ax.set_xlabel("width")
+            ax.legend()
+        axes[0, 0].set_ylabel("||mean - mu|| / ||mu||, steps > 0")
+    return ("Relative error of the ensemble mean against width, pooled over the logged steps after initialisation, "
+            "with the fitted log-log slope; dotted: the part the finite ensemble alone explains (RMS SE / RMS mu).")
+
+
+def gap_vs_width(s: Summary, path: Path) -> Optional[str]:
+    g = s.pair_pooled
+    if not len(g):
+        return None
+    sets = s.eval_sets(g)
+    with figure(path, len(sets), titles=[f"gap: {ev}" for ev in sets]) as (fig, axes):
+        for ax, ev in zip(axes.flat, sets):
+            for i, ((a, b, kind, lr), d) in enumerate(g[g["eval_set"] == ev].groupby(["a", "b", "kind", "lr"], sort=False)):
+                d = d.sort_values("width")
+                color = f"C{i % 10}"
+                ax.plot(d["width"], d["gap_se"], "o-", color=color, label=f"{a} vs {b}")
+                ax.plot(d["width"], d["theory_gap_se"], "x:", color=color, lw=0.8)
+            ax.axhline(GAP_SE_LIMIT, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_yscale("symlog", linthresh=1)
+            ax.set_xlabel("width")
+            ax.legend()
+        axes[0, 0].set_ylabel("gap / combined SE, steps > 0")
+    return (f"Gap between the ensemble means of each pair (augmented vs GCNN; GCNN vs GCNN) in units of the combined "
+            f"standard error, pooled over steps after initialisation, against width; crosses: the analytic gap in the same "
+            f"units; dashed: {GAP_SE_LIMIT:g} SE.")
+
+
+def gap_vs_time(s: Summary, path: Path) -> Optional[str]:
+    p = s.pairs
+    if not len(p):
+        return None
+    top = p.groupby(["a", "b", "lr"])["width"].transform("max")
+    p = p[p["width"] == top]
+    sets = s.eval_sets(p)
+    with figure(path, len(sets), titles=[f"gap at the largest width: {ev}" for ev in sets]) as (fig, axes):
+        for ax, ev in zip(axes.flat, sets):
+            for i, ((a, b, lr, w), d) in enumerate(p[p["eval_set"] == ev].groupby(["a", "b", "lr", "width"], sort=False)):
+                d = d.sort_values("time")
+                ax.plot(d["time"], d["gap_se"], "o-", color=f"C{i % 10}", label=f"{a} vs {b} (w {w})")
+            ax.axhline(GAP_SE_LIMIT, color="grey", lw=0.8, ls="--")
+            _time_axis(ax, s.lrs[0])
+            ax.legend()
+        axes[0, 0].set_ylabel("gap / combined SE")
+    return "Gap between the ensemble means of each pair, in combined SE, over training time at the largest common width."
+
+
+def orbit_spread(s: Summary, path: Path) -> Optional[str]:
+    sp = compare.pooled_spread(s.t["invariance"], ["model", "lr", "eval_set", "width"])
+    sp = sp[sp["order"] > 1]
+    if not len(sp):
+        return None
+    sets = s.eval_sets(sp)
+    with figure(path, len(sets), titles=[f"orbit spread: {ev}" for ev in sets]) as (fig, axes):
+        for ax, ev in zip(axes.flat, sets):
+            for i, m in enumerate(s.model_order):
+                d = sp[(sp["model"] == m) & (sp["eval_set"] == ev) & (sp["lr"] == s.model_lr.get(m))].sort_values("width")
+                if not len(d):
+                    continue
+                ax.loglog(d["width"], np.maximum(d["spread"], 1e-12), "o-", color=f"C{i % 10}", label=m)
+                ax.loglog(d["width"], d["spread_noise"], ":", color=f"C{i % 10}", lw=0.8)
+            ax.set_xlabel("width")
+            ax.legend()
+        axes[0, 0].set_ylabel("RMS orbit deviation / RMS mean")
+    return ("Orbit spread of each ensemble's mean against width, pooled over steps after initialisation (floored at "
+            "1e-12 for display); dotted: the noise level, the spread a perfectly invariant ensemble of this size would show.")
+
+
+def z_scores(s: Summary, path: Path) -> Optional[str]:
+    p = s.top_points[s.top_points["z"].notna() & np.isfinite(s.top_points["z"])]
+    if not len(p):
+        return None
+    fams = [f for f in FAMILIES if (p["arch"] == f).any()]
+    with figure(path, len(fams), panel=(4, 3.2), titles=[f"{fam}: z at the largest width" for fam in fams]) as (fig, axes):
+        for ax, fam in zip(axes.flat, fams):
+            z = p.loc[p["arch"] == fam, "z"].clip(-8, 8)
+            members = int(p.loc[p["arch"] == fam, "members"].min())
+            ax.hist(z, bins=np.linspace(-8, 8, 65), density=True, alpha=0.6, label=f"z ({len(z)} points)")
+            grid = np.linspace(-8, 8, 400)
+            ax.plot(grid, sps.t.pdf(grid, max(members - 1, 1)), "k-", lw=1, label=f"Student t, {members - 1} dof")
+            ax.set_xlabel("(mean - mu) / SE   (clipped to ±8)")
+            ax.legend()
+    return ("Distribution of z = (ensemble mean - analytic mean) / ensemble SE at each model's largest width, all points "
+            "after initialisation, by architecture family, against the Student t expected without finite-width bias.")
+
+
+def variance_ratio(s: Summary, path: Path) -> Optional[str]:
+    a = s.agr[s.agr["var_ratio"].notna()]
+    if not len(a):
+        return None
+    a = a[a["width"] == a.groupby(["model", "lr"])["width"].transform("max")]
+    sets = s.eval_sets(a)
+    with figure(path, len(sets), titles=[f"ensemble var / analytic var: {ev}" for ev in sets]) as (fig, axes):
+        for ax, ev in zip(axes.flat, sets):
+            for i, m in enumerate(s.model_order):
+                d = a[(a["model"] == m) & (a["eval_set"] == ev) & (a["lr"] == s.model_lr.get(m))].sort_values("time")
+                if len(d):
+                    ax.plot(d["time"], d["var_ratio"], "o-", color=f"C{i % 10}", label=m)
+            ax.axhline(1, color="grey", lw=0.8)
+            ax.set_yscale("log")
+            _time_axis(ax, s.lrs[0])
+            ax.legend()
+    return ("Mean ensemble variance over mean analytic variance per eval set over training time, at each model's largest "
+            "width (THEORY section 6: augmented and GCNN ensembles share their mean, not their spread).")
+
+
+# The report's plots in page order; each writes ``<name>.png``.
+PLOTS = dict(trajectories=trajectories, error_vs_width=error_vs_width, gap_vs_width=gap_vs_width,
+             gap_vs_time=gap_vs_time, orbit_spread=orbit_spread, z_scores=z_scores, variance_ratio=variance_ratio)
