@@ -9,14 +9,11 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
 import pandas as pd
-
-matplotlib.use("Agg")  # files only, no display; before pyplot loads
-import matplotlib.pyplot as plt  # noqa: E402
 
 from study.atomic import atomic_path
 
+from .plots import figure
 from .regression import is_regression_table, paired_differences, summarize
 
 _STYLE = """<style>
@@ -43,35 +40,33 @@ def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
     regression = "test_mae" in summary.columns
     plotted = _PLOTTED[regression]
     panels = list(dict.fromkeys(zip(summary.kernel, summary.time)))
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False)
-    for j, (k, t) in enumerate(panels):
-        sub = summary[(summary.kernel == k) & (summary.time == t)]
-        for model, g in sub.groupby("model", sort=False):
-            g = g.sort_values("size")
-            for i, (m, _) in enumerate(plotted):
+    # a column per (kernel, time), a row per metric; matplotlib's default sizes (style={})
+    titles = [f"{k.upper()}, t = {_t(t)}" for k, t in panels] * len(plotted)
+    with figure(path, len(plotted) * len(panels), ncols=len(panels), panel=(4.5, 3.5), titles=titles, dpi=110,
+                style={}) as (fig, axes):
+        for j, (k, t) in enumerate(panels):
+            sub = summary[(summary.kernel == k) & (summary.time == t)]
+            for model, g in sub.groupby("model", sort=False):
+                g = g.sort_values("size")
+                for i, (m, _) in enumerate(plotted):
+                    ax = axes[i, j]
+                    line, = ax.plot(g["size"], g[m], marker="o", ms=3, label=model)
+                    ax.fill_between(g["size"], g[f"{m}_lo"], g[f"{m}_hi"], color=line.get_color(), alpha=0.2)
+            if regression and "baseline_mae" in sub.columns:
+                # the baseline is fitted on the same draws for every model: show it once
+                g = sub[sub.model == sub.model.iloc[0]].sort_values("size")
+                for i, m in enumerate(("baseline_mae", "baseline_rmse")):
+                    axes[i, j].plot(g["size"], g[m], ls="--", color="0.5", label="baseline alone")
+            for i, (_, label) in enumerate(plotted):
                 ax = axes[i, j]
-                line, = ax.plot(g["size"], g[m], marker="o", ms=3, label=model)
-                ax.fill_between(g["size"], g[f"{m}_lo"], g[f"{m}_hi"], color=line.get_color(), alpha=0.2)
-        if regression and "baseline_mae" in sub.columns:
-            # the baseline is fitted on the same draws for every model: show it once
-            g = sub[sub.model == sub.model.iloc[0]].sort_values("size")
-            for i, m in enumerate(("baseline_mae", "baseline_rmse")):
-                axes[i, j].plot(g["size"], g[m], ls="--", color="0.5", label="baseline alone")
-        for i, (_, label) in enumerate(plotted):
-            ax = axes[i, j]
-            ax.set_xscale("log")
-            if i == 1 or regression:
-                ax.set_yscale("log")
-            ax.set_xlabel("training-set size")
-            ax.set_ylabel(label)
-            ax.set_title(f"{k.upper()}, t = {_t(t)}")
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Kernel regression learning curves (mean and 95% CI over draws)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+                ax.set_xscale("log")
+                if i == 1 or regression:
+                    ax.set_yscale("log")
+                ax.set_xlabel("training-set size")
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=8)
+        fig.suptitle("Kernel regression learning curves (mean and 95% CI over draws)")
     return path.name
 
 
