@@ -6,7 +6,7 @@ widths 16 ... 1024 (group models up to ``--max-channels`` channels, i.e. width x
 (``workers.empirical_ntk``). With ``Theta`` the analytic kernel, per width:
 
 - ``r``: rms over initialisations of ``||Theta_s - Theta|| / ||Theta||`` (one network);
-  THEORY: ``r^2 = O(1/width)``, so the fitted slope of ``log r`` against ``log width`` is -1/2;
+  docs/theory.md §2: ``r^2 = O(1/width)``, so the fitted slope of ``log r`` against ``log width`` is -1/2;
 - ``e``: ``||mean_s Theta_s - Theta|| / ||Theta||`` (the ensemble mean); ``e^2 ~ (b/w)^2 + r^2/n``:
   slope -1 while the O(1/width) bias dominates, -1/2 once the mean is within its noise;
 - ``q = e / (r / sqrt(n))``: the mean's deviation in units of its own noise; about 1 when no

@@ -1,8 +1,13 @@
 """Our MLP and CNN kernels against neural-tangents, and the time ratio, measured in one run.
 
-Run in the separate environment that has neural-tangents (never a dependency of eqntk):
+neural-tangents is never a dependency of eqntk: run this with the Python of a separate venv
+that has it next to eqntk, made once at any path (NTVENV here) from the repository root:
 
-    /work/ntvenv/bin/python benchmarks/nt_agreement.py
+    python3 -m venv NTVENV
+    NTVENV/bin/pip install torch==2.13.0 "neural-tangents==0.6.5"
+    NTVENV/bin/pip install --no-deps escnn==1.0.11   # as scripts/bootstrap.sh does
+    NTVENV/bin/pip install -e .
+    NTVENV/bin/python benchmarks/nt_agreement.py
 
 neural-tangents is set to our parameterisation: ``parameterization="ntk"``,
 ``W_std = sigma_w``, ``b_std = sigma_b`` (its Conv uses the same fan-in, channels x taps),
@@ -87,7 +92,7 @@ def agreement() -> bool:
         r = [rel(ours[g], np.asarray(getattr(theirs, g))) for g in ("nngp", "ntk")]
         ok &= max(r) < RTOL
         print(f"{arch + ' ' + str(kw) + ' ' + str(shape):58s} {r[0]:10.1e} {r[1]:10.1e}")
-    # THEORY section 3: the identity-support GCNN is the orbit average of nt's CNN kernel
+    # docs/theory.md §3: the identity-support GCNN is the orbit average of nt's CNN kernel
     for group in ("C4", "D4"):
         common = dict(group=group, padding="circular", readout="gap", sigma_b=0.2)
         shape = (1, 5, 5)

@@ -1,8 +1,13 @@
 """analysis.predict against neural-tangents' gradient_descent_mse_ensemble (gradient flow).
 
-Run in the separate benchmark venv (never imported by eqntk):
+neural-tangents is never a dependency of eqntk: run this with the Python of a separate venv
+that has it next to eqntk, made once at any path (NTVENV here) from the repository root:
 
-    /work/ntvenv/bin/python benchmarks/nt_predict.py
+    python3 -m venv NTVENV
+    NTVENV/bin/pip install torch==2.13.0 "neural-tangents==0.6.5"
+    NTVENV/bin/pip install --no-deps escnn==1.0.11   # as scripts/bootstrap.sh does
+    NTVENV/bin/pip install -e .
+    NTVENV/bin/python benchmarks/nt_predict.py
 
 Both sides get the same kernels (neural-tangents' analytic NNGP/NTK of a ReLU MLP and of
 a circular-padding ReLU CNN with global average pooling), so only the predictions over
@@ -11,7 +16,7 @@ t = inf with and without a diagonal regulariser. Prints the max relative differe
 (max |ours - nt| / max |nt|) and exits non-zero when any exceeds 1e-8.
 
 Convention mapping. eqntk trains on L = (1/(2N)) sum_i ||f(x_i) - y_i||^2, so gradient flow
-is exp(-(t/N) Theta) with t = eta k (THEORY section 5). neural-tangents' ensemble predictor
+is exp(-(t/N) Theta) with t = eta k (docs/theory.md §5). neural-tangents' ensemble predictor
 normalises by y_train.size = N * n_out (the loss is the mean over every target entry) and
 multiplies its `t` argument by `learning_rate`: exp(-(learning_rate * t_nt / (N n_out)) Theta).
 So with learning_rate = 1, nt's t_nt = n_out * t. Its `diag_reg` with
