@@ -1,16 +1,20 @@
 """Bad input is refused before any work: exit code 2, one line naming the field and the fix,
-and nothing written to the output directory."""
+and nothing written to the output directory. Each kind of study file has its schema and its commands."""
 
 import io
+import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eqntk.cli import main
+from eqntk.kinds import KINDS
+from study.config import KIND_SCHEMAS, parse_study, study_from_dict
 
 GOOD = """
 name: tiny
@@ -124,8 +128,19 @@ def test_bad_input_refused(tmp_path, refused, case, text, files, words):
     refused(study, tmp_path / "out", words)
 
 
-def test_at_least_15_kinds():
-    assert len(CASES) >= 15
+@pytest.mark.parametrize("case,text,files,words", CASES, ids=[c[0] for c in CASES])
+def test_validate_refuses_what_run_refuses(tmp_path, capsys, refused, case, text, files, words):
+    """``eqntk validate`` gives the same one line as ``eqntk run``, fast: it checks before any work too."""
+    study = write(tmp_path, text)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    by_run = refused(study, tmp_path / "out", words)
+    t0 = time.perf_counter()
+    code = main(["validate", str(study)])
+    seconds = time.perf_counter() - t0
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.strip() == by_run and not captured.out
+    assert seconds < 5, f"validate took {seconds:.1f} s to refuse"
 
 
 def test_validate_prints_grid(tmp_path, capsys):
@@ -144,7 +159,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_unit_ids_stable_and_sensitive(tmp_path):
-    from eqntk.cli import Prepared
+    from eqntk.kinds.ensemble import Prepared
 
     a = Prepared(write(tmp_path, GOOD, "a.yaml"))
     b = Prepared(write(tmp_path, GOOD, "b.yaml"))
@@ -155,7 +170,7 @@ def test_unit_ids_stable_and_sensitive(tmp_path):
 
 def test_training_fields_change_unit_ids_only_when_set(tmp_path):
     """Defaults are left out of the spec's dump, so studies written before the fields existed keep their ids."""
-    from eqntk.cli import Prepared
+    from eqntk.kinds.ensemble import Prepared
     from study.spec import ModelSpec
 
     plain = ModelSpec(name="m", arch="mlp")
@@ -169,3 +184,44 @@ def test_training_fields_change_unit_ids_only_when_set(tmp_path):
     assert [u.unit_id for u in a.units] == [u.unit_id for u in b.units]
     changed = {u.unit_id for u in a.units} ^ {u.unit_id for u in c.units}
     assert len(changed) == 4  # the mlp's two units, old and new
+
+
+REGRESSION = """
+name: r
+kind: kernel_regression
+data: {train: {source: digits, n: 8}}
+regression: {test: {source: digits, n: 4, start: 100}, sizes: [4]}
+models:
+  - {name: mlp, arch: mlp}
+"""
+
+
+def test_every_kind_of_study_file_has_its_commands():
+    assert set(KINDS) == set(KIND_SCHEMAS)
+    assert all(kind.name == name for name, kind in KINDS.items())
+    assert type(parse_study(GOOD)) is KIND_SCHEMAS["ensemble"]
+    assert type(parse_study(REGRESSION)) is KIND_SCHEMAS["kernel_regression"]
+
+
+def test_study_json_written_with_both_kinds_fields_still_reads(tmp_path):
+    """Before each kind had its own schema, study.json listed the other kind's fields as null
+    (and a kernel-regression study's ``data.eval`` as []): such a directory still resumes and reads."""
+    from eqntk.kinds.ensemble import Prepared, same_study
+
+    p = Prepared(write(tmp_path, GOOD))
+    old = {**p.resolved, "config": {**p.resolved["config"], "regression": None}}
+    assert same_study(old, p.resolved)
+    assert not same_study({**old, "data_digest": "other"}, p.resolved)
+    assert not same_study({**old, "config": {**old["config"], "lr": 0.25}}, p.resolved)
+    reg = parse_study(REGRESSION)
+    dump = reg.model_dump(mode="json")
+    old = {**dump, **dict.fromkeys(["widths", "ensemble_size", "members_per_unit", "lr", "steps", "log_steps"]),
+           "data": {**dump["data"], "eval": []}}
+    assert study_from_dict(old) == reg
+
+
+def test_unknown_kind_in_a_results_directory(tmp_path, capsys):
+    (tmp_path / "study.json").write_text(json.dumps({"config": {"kind": "other"}}))
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kind 'other'" in err

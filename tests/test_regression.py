@@ -2,6 +2,7 @@
 source, the THEORY section 6 identity on predictions, and small studies end to end (rotated
 digits in local Ray mode, with kernel reuse on rerun; a PathMNIST-shaped stand-in .npz)."""
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from eqntk.cli import main
-from study.config import RotatedDigitsSource, parse_study
+from study.config import EnsembleStudy, RegressionStudy, RotatedDigitsSource, parse_study
 
 BUILTIN = Path(__file__).resolve().parents[1] / "study" / "builtin"
 
@@ -57,7 +58,10 @@ def test_ensemble_study_still_needs_its_fields():
 
 def test_regression_study_needs_no_ensemble_fields():
     cfg = parse_study(textwrap.dedent(SMALL))
-    assert cfg.kind == "kernel_regression" and cfg.widths is None and cfg.steps is None
+    assert isinstance(cfg, RegressionStudy) and cfg.kind == "kernel_regression"
+    # its schema has none of the ensemble's fields, and the ensemble's has no regression
+    assert not {"widths", "ensemble_size", "members_per_unit", "lr", "steps", "log_steps"} & set(RegressionStudy.model_fields)
+    assert "eval" not in type(cfg.data).model_fields and "regression" not in EnsembleStudy.model_fields
     assert cfg.regression.resolved_sizes == [6, 12]
     assert cfg.regression.resolved_times == [np.inf, 50.0]
     log = parse_study(textwrap.dedent(SMALL).replace("sizes: [6, 12]", "sizes: {min: 10, max: 500, count: 8}"))
@@ -165,6 +169,27 @@ def test_rerun_with_more_sizes_reuses_kernels(small_run, capsys):
     assert sorted(t["size"].unique()) == [3, 6, 12, 24] and t.draw.nunique() == 4
     assert main(["status", str(out)]) == 0
     assert "3 of 3" in capsys.readouterr().out
+
+
+def test_directory_of_one_kind_refuses_a_study_of_the_other(small_run, tmp_path, capsys):
+    d, study, out = small_run
+    ensemble = write(tmp_path, """
+        name: tiny
+        data: {train: {source: digits, n: 6}}
+        models: [{name: mlp, arch: mlp, depth: 1}]
+        widths: [8]
+        ensemble_size: 2
+        lr: 0.5
+        steps: 2
+        log_steps: [0, 2]
+        """)
+    assert main(["run", str(ensemble), "--out", str(out), "--no-progress"]) == 2
+    assert "holds results of a different study" in capsys.readouterr().err
+    ens_dir = tmp_path / "ens"
+    ens_dir.mkdir()
+    (ens_dir / "study.json").write_text(json.dumps({"config": {"kind": "ensemble"}}))
+    assert main(["run", str(study), "--out", str(ens_dir)]) == 2
+    assert "holds an ensemble study" in capsys.readouterr().err
 
 
 # ----- PathMNIST-shaped data ----------------------------------------------------------------

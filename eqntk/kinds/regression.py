@@ -1,10 +1,10 @@
-"""``kind: kernel_regression`` studies: the ``eqntk`` commands for them.
+"""``kind: kernel_regression``: NTK and NNGP regression learning curves, no network trained.
 
-    eqntk validate STUDY     data shapes, pool and test sizes, sizes, draws, models
-    eqntk run STUDY --out DIR
-    eqntk status DIR         which kernels are cached, whether the table exists
-    eqntk analyze DIR        recompute the learning-curve tables from the cached kernels
-    eqntk report DIR         tables, plot and DIR/report/index.html
+    validate   data shapes, pool and test sizes, sizes, draws, models
+    run        every model's kernels (cached), then the tables and the report
+    status     which kernels are cached, whether the table exists
+    analyze    recompute the learning-curve tables from the cached kernels
+    report     tables, plot and DIR/report/index.html
 
 Results directory (``DIR``)::
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from analysis.regression import (
     cached_kernels,
@@ -45,10 +45,11 @@ from analysis.regression import (
 )
 from analysis.regression_report import write_regression_report
 from study.atomic import atomic_path, atomic_write
-from study.config import StudyConfig, StudyError, load_study
+from study.config import RegressionStudy, StudyError, load_study, study_from_dict
 from study.regression_data import RegressionData, build_regression_data
 
-from .store import ResultStore, versions
+from ..store import ResultStore, versions
+from .base import RunOptions, StudyKind, kind_name_of_dir
 
 
 def data_kernel_key(data: RegressionData, spec) -> str:
@@ -58,11 +59,14 @@ def data_kernel_key(data: RegressionData, spec) -> str:
         return kernel_key(spec, data.n_out, digest, engine="molecule_sum")
     return kernel_key(spec, data.n_out, inputs_digest(data.pool_x, data.test_x))
 
+
 class PreparedRegression:
+    """A validated study with its pool and test arrays: everything decided before any kernel."""
+
     def __init__(self, path: Path):
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
-        self.cfg = load_study(path)
+        self.cfg: RegressionStudy = load_study(path)
         self.data = build_regression_data(self.cfg, path.parent)
         self.cfg.check_inputs(self.data.input_shape, str(path))
         self.digest = self.data.digest()
@@ -77,61 +81,6 @@ class PreparedRegression:
             "times": [str(t) for t in r.resolved_times],
             "data_digest": self.digest,
         }
-
-
-def is_regression_study(path: Path) -> bool:
-    return load_study(path).kind == "kernel_regression"
-
-
-def is_regression_dir(d: Path) -> bool:
-    try:
-        return json.loads((Path(d) / "study.json").read_text())["config"].get("kind") == "kernel_regression"
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def cmd_validate(path: Path) -> int:
-    p = PreparedRegression(path)
-    cfg, r = p.cfg, p.cfg.regression
-    print(f"study {cfg.name}: valid (kernel regression)")
-    if p.data.molecular:
-        print(f"  data: pool of {len(p.data.pool_x)} molecules ({int((p.data.pool_z > 0).sum())} atoms), test set "
-              f"{len(p.data.test_x)} molecules ({int((p.data.test_z > 0).sum())} atoms); atom signals of shape "
-              f"{p.data.input_shape}; energies in eV, baseline {r.resolved_baseline(True)}")
-    else:
-        print(f"  data: pool of {len(p.data.pool_x)} training candidates of shape {p.data.input_shape}, "
-              f"{p.data.n_out} outputs; test set {len(p.data.test_x)}")
-    print(f"  sizes: {r.resolved_sizes}; {r.draws} draws each; kernels {r.kernels}; times {r.times}; diag_reg {r.diag_reg:g}")
-    print("  models: " + ", ".join(f"{m.name} ({m.arch}, {m.group}, {m.basis}, {m.augmentation})" for m in cfg.model_specs))
-    return 0
-
-
-def cmd_run(path: Path, out: Optional[Path], address: Optional[str], analysis: bool = True) -> int:
-    p = PreparedRegression(path)
-    out = Path(out) if out else Path("results") / p.cfg.name
-    store = ResultStore(out)
-    if store.exists() and not is_regression_dir(out):
-        raise StudyError(f"--out: {out} holds an ensemble study; choose a new --out for a kernel-regression study")
-    if not store.exists() and out.exists() and any(q for q in out.iterdir() if q.name != ".lock"):
-        raise StudyError(f"--out: {out} exists and is not an eqntk results directory; choose another --out")
-    store.lock()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        p.data.save(out / "inputs.npz")
-        atomic_write(out / "study.yaml", p.text.encode())
-        atomic_write(out / "versions.json", json.dumps(versions(), indent=2).encode())
-        atomic_write(out / "study.json", json.dumps(p.resolved, indent=2, sort_keys=True).encode())
-        t0 = time.perf_counter()
-        print(f"kernels: {len(p.cfg.model_specs)} models, pool {len(p.data.pool_x)}, test {len(p.data.test_x)}")
-        compute_kernels(out, p, address)
-        print(f"kernels ready in {time.perf_counter() - t0:.1f} s")
-    finally:
-        store.unlock()
-    analyze(out)
-    if analysis:
-        report(out)
-    print(f"results: {out}")
-    return 0
 
 
 def compute_kernels(out: Path, p: PreparedRegression, address: Optional[str], use_ray: bool = True) -> dict:
@@ -150,9 +99,12 @@ def compute_kernels(out: Path, p: PreparedRegression, address: Optional[str], us
     }
 
 
+def _study(out: Path) -> RegressionStudy:
+    return study_from_dict(json.loads((out / "study.json").read_text())["config"])
+
+
 def _load(out: Path):
-    resolved = json.loads((out / "study.json").read_text())
-    cfg = StudyConfig(**resolved["config"])
+    cfg = _study(out)
     data = RegressionData.load(out / "inputs.npz")
     specs = {s.name: s for s in cfg.model_specs}
 
@@ -200,13 +152,67 @@ def report(out: Path) -> Path:
     return page
 
 
-def cmd_status(out: Path) -> int:
-    resolved = json.loads((out / "study.json").read_text())
-    cfg = StudyConfig(**resolved["config"])
-    data = RegressionData.load(out / "inputs.npz")
-    done = [s.name for s in cfg.model_specs if _cached(out, s, data)]
-    todo = [s.name for s in cfg.model_specs if s.name not in done]
-    print(f"{out}: kernel regression, {len(done)} of {len(done) + len(todo)} models' kernels cached"
-          + (f"; missing: {', '.join(todo)}" if todo else "")
-          + ("; table present" if (out / "regression.parquet").is_file() else "; no table yet"))
-    return 0
+class RegressionKind(StudyKind):
+    name = "kernel_regression"
+
+    def validate(self, study: Path) -> int:
+        p = PreparedRegression(study)
+        cfg, r = p.cfg, p.cfg.regression
+        print(f"study {cfg.name}: valid (kernel regression)")
+        if p.data.molecular:
+            print(f"  data: pool of {len(p.data.pool_x)} molecules ({int((p.data.pool_z > 0).sum())} atoms), test set "
+                  f"{len(p.data.test_x)} molecules ({int((p.data.test_z > 0).sum())} atoms); atom signals of shape "
+                  f"{p.data.input_shape}; energies in eV, baseline {r.resolved_baseline(True)}")
+        else:
+            print(f"  data: pool of {len(p.data.pool_x)} training candidates of shape {p.data.input_shape}, "
+                  f"{p.data.n_out} outputs; test set {len(p.data.test_x)}")
+        print(f"  sizes: {r.resolved_sizes}; {r.draws} draws each; kernels {r.kernels}; times {r.times}; diag_reg {r.diag_reg:g}")
+        print("  models: " + ", ".join(f"{m.name} ({m.arch}, {m.group}, {m.basis}, {m.augmentation})" for m in cfg.model_specs))
+        return 0
+
+    def run(self, study: Path, options: RunOptions) -> int:
+        """Any study of this kind may run into the directory: the tables are rewritten and
+        every kernel whose spec and inputs are unchanged is reused. ``--resume`` and
+        ``--no-progress`` change nothing; without the analysis the tables are still written."""
+        p = PreparedRegression(study)
+        out = self.out_dir(options, p.cfg.name)
+        if (out / "study.json").is_file() and kind_name_of_dir(out) != self.name:
+            raise StudyError(f"--out: {out} holds an ensemble study; choose a new --out for a kernel-regression study")
+        self.refuse_other_directory(out)
+        store = ResultStore(out)
+        store.lock()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            p.data.save(out / "inputs.npz")
+            atomic_write(out / "study.yaml", p.text.encode())
+            atomic_write(out / "versions.json", json.dumps(versions(), indent=2).encode())
+            atomic_write(out / "study.json", json.dumps(p.resolved, indent=2, sort_keys=True).encode())
+            t0 = time.perf_counter()
+            print(f"kernels: {len(p.cfg.model_specs)} models, pool {len(p.data.pool_x)}, test {len(p.data.test_x)}")
+            compute_kernels(out, p, options.address)
+            print(f"kernels ready in {time.perf_counter() - t0:.1f} s")
+        finally:
+            store.unlock()
+        analyze(out)
+        if options.analysis:
+            report(out)
+        print(f"results: {out}")
+        return 0
+
+    def status(self, out: Union[str, Path], verbose: bool = False) -> int:
+        out = Path(out)
+        cfg = _study(out)
+        data = RegressionData.load(out / "inputs.npz")
+        done = [s.name for s in cfg.model_specs if _cached(out, s, data)]
+        todo = [s.name for s in cfg.model_specs if s.name not in done]
+        print(f"{out}: kernel regression, {len(done)} of {len(done) + len(todo)} models' kernels cached"
+              + (f"; missing: {', '.join(todo)}" if todo else "")
+              + ("; table present" if (out / "regression.parquet").is_file() else "; no table yet"))
+        return 0
+
+    def analyze(self, out: Path) -> None:
+        analyze(out)
+
+    def report(self, out: Path) -> None:
+        analyze(out)
+        report(out)
