@@ -1,4 +1,4 @@
-"""Kernel regression on molecular energies (THEORY section 7, molecules): per-atom kernels
+"""Kernel regression on molecular energies (docs/theory.md §7, molecules): per-atom kernels
 summed over atoms, their symmetries, MAE/RMSE learning curves with confidence intervals, the
 per-element baseline, the ``molecules`` study source, and a tiny study end to end.
 

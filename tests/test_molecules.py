@@ -1,4 +1,4 @@
-"""Molecules (THEORY section 7): the QM9 loader on small files in the release format, atom
+"""Molecules (docs/theory.md §7): the QM9 loader on small files in the release format, atom
 environments as spherical signals (rotation, permutation, values), the padded container,
 and the locally generated conformer set with PySCF (tiny: H2 and H2O)."""
 
@@ -9,6 +9,7 @@ import pytest
 
 from study import molecules as M
 from study.config import StudyError
+from study.molecules import conformer_set
 from study.sphere import dh_grid, random_rotations
 
 # gdb 1 (methane) exactly as in the QM9 release; gdb 2 and 10 are made up in the same layout,
@@ -250,7 +251,7 @@ def test_generated_energies_known_values_and_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed instead of reading the cache")
 
-    monkeypatch.setattr(M, "qc_energy", boom)
+    monkeypatch.setattr(conformer_set, "qc_energy", boom)
     again = M.generate_conformers(n_conformers=1, seed=5, method="HF/STO-3G", molecules=("H2", "H2O"), cache_dir=tmp_path)
     assert again.digest() == s.digest() and again.meta["cache"] == str(files[0])
     with pytest.raises(AssertionError):  # another seed is another cache entry
@@ -269,7 +270,7 @@ def test_interrupted_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M.np, "savez", killed)
+    monkeypatch.setattr(np, "savez", killed)
     with pytest.raises(KeyboardInterrupt):
         s.subset([0]).save(path)
     assert path.read_bytes() == before
