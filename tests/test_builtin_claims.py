@@ -1,8 +1,8 @@
-"""What the built-in study must show (issue #5), checked on a real run of it.
+"""What the built-in study must show, checked on a real run of it.
 
 Opt-in (`pytest --runslow`, about 7 minutes on 2 cores): runs `eqntk run` on the built-in
 study, or reads an existing run when `EQNTK_BUILTIN_RESULTS` names its directory, and checks
-the claims from its analysis tables. The thresholds are the issue's own:
+the claims from its analysis tables, each with a fixed threshold:
 - at the largest width the MLP and group-MLP ensembles agree with their analytic means,
   median |z| <= 2 over all eval sets and logged steps after initialisation;
 - the mean error falls with width (negative fitted slope) for every family on every eval

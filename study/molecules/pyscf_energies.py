@@ -18,7 +18,7 @@ ATOM_SPIN = {1: 1, 6: 2, 7: 3, 8: 2, 9: 1}
 
 
 def parse_method(method: str) -> tuple[str, str]:
-    """``'THEORY/BASIS'`` as ``(THEORY upper-cased, BASIS)``."""
+    """A method ``'<level of theory>/<basis>'`` (``'HF/6-31G'``) as ``(level upper-cased, basis)``."""
     parts = method.split("/")
     if len(parts) != 2 or not parts[0] or not parts[1]:
         raise StudyError(f"molecules: method {method!r} must be 'THEORY/BASIS', e.g. 'HF/6-31G' or 'B3LYP/6-31G'")
