@@ -5,7 +5,7 @@ grid and weights, so the kernel is that of the model as computed, aliasing inclu
 idealised continuous SO(3)). Pre-activation kernels are kept over pairs of grid points,
 ``K[x, x', a, b]`` with ``P = 8 B^3`` points; float64 torch throughout.
 
-Layer maps (THEORY section 2, with the layers of ``workers.so3``):
+Layer maps (docs/theory.md §2.3 and §7.1, with the layers of ``workers.so3``):
 
 - Lifting: ``K(a, b) = sigma_w^2 / C sum_c sum_l u^l_c(x, a) . u^l_c(x', b) + sigma_b^2`` with
   ``u^l(x, a) = D^l(R_a)^T s^l(x)`` (SH coefficients by DH quadrature); ``Theta = K``.

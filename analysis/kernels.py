@@ -1,4 +1,4 @@
-"""Analytic NNGP and NTK of every model the study can build (THEORY sections 2-4, 6).
+"""Analytic NNGP and NTK of every model the study can build (docs/theory.md §2-§4, §6).
 
 ``kernel_fn(spec, input_shape, n_out)`` turns the model's layer plan into kernel rules
 (``analysis.stax``) and returns a ``KernelFn``:
@@ -30,27 +30,13 @@ from study.spec import ModelSpec
 
 from . import kernel_scratch as scratch
 from .kernel_so3_study import so3_study_kernel_fn
-from .stax import Meta, Pairs, build_rules, var_of
+from .stax import Pairs, build_rules, var_of
 
 __all__ = ["KernelFn", "kernel_fn", "orbit_averaged", "mean_kernel_fn"]
 
 # Bytes one kernel tensor of a block may take; a block holds a handful of such tensors
 # (NNGP, NTK and the temporaries of a nonlinearity), so peak memory is several times this.
 _BLOCK_BYTES = 8 * 2**20
-
-
-def _elements(meta: Meta) -> int:
-    """Kernel entries per input pair for features of this shape."""
-    hw = max(meta.H, 1) * max(meta.W, 1)
-    return {
-        "input": meta.d * hw,
-        "input_flat": 1,
-        "flat": 1,
-        "positions": hw,
-        "grid": meta.G * hw * hw,
-        "grid_full": meta.G**2 * hw * hw,
-        "group": meta.G**2,
-    }[meta.kind]
 
 
 def _as_tensor(x, input_shape, name) -> torch.Tensor:
@@ -78,8 +64,7 @@ class KernelFn:
         self.rules = rules
         self.input_shape = tuple(input_shape)
         self.description = description
-        metas = [Meta("input", d=input_shape[0])] + [r.meta_out for r in rules]
-        self._per_pair = max(_elements(m) for m in metas[1:])
+        self._per_pair = max(r.meta_out.entries for r in rules)
 
     def __repr__(self) -> str:
         return f"KernelFn({self.description})"
@@ -258,8 +243,7 @@ def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, ro
     their basis covariance), ``basis_full`` (the same without right invariance).
     """
     input_shape = tuple(int(s) for s in input_shape)
-    if spec.so3:  # group SO3: analysis.kernel_so3 through the study adapter
-
+    if spec.so3:  # built whole, not from a layer plan (study.architecture)
         return so3_study_kernel_fn(spec, input_shape, n_out)
     plan = layer_plan(spec, input_shape, n_out)
     rules = build_rules(plan, input_shape, spec.group_obj, route)
@@ -267,20 +251,14 @@ def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, ro
 
 
 class OrbitAveraged:
-    """``Theta_G(x, x') = (1/|G|) sum_g Theta(x, L_g x')`` (THEORY sections 3 and 6), same call as ``KernelFn``.
+    """``Theta_G(x, x') = (1/|G|) sum_g Theta(x, L_g x')`` (docs/theory.md §1, §6), same call as ``KernelFn``.
 
     Equals the double average ``(1/|G|^2) sum_{g,g'} Theta(L_g x, L_g' x')`` when ``Theta`` is jointly
     invariant (MLPs; CNNs with rotation-invariant padding and readout).
     """
 
-    def __init__(self, base, group: Group, input_kind: str):
-        if input_kind not in ("image", "ring"):
-            raise ValueError(f"input_kind: use 'image' or 'ring', got {input_kind!r}")
-        self.base, self.group, self.input_kind = base, group, input_kind
-
-    def _orbit(self, x: np.ndarray) -> np.ndarray:
-        o = self.group.orbit_image(x) if self.input_kind == "image" else self.group.orbit_ring(x)
-        return o.reshape(-1, *x.shape[1:])  # [N |G|, ...], sample-major
+    def __init__(self, base, group: Group):
+        self.base, self.group = base, group
 
     def __call__(self, x1, x2=None, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None,
                  diag: bool = False) -> dict[str, np.ndarray]:
@@ -288,7 +266,7 @@ class OrbitAveraged:
         x1 = _to_numpy(x1)
         x2 = x1 if x2 is None else _to_numpy(x2)
         G = self.group.order
-        orbit = self._orbit(x2)
+        orbit = self.group.orbit_rows(x2)  # [N2 |G|, ...], row j |G| + g is L_g x2_j
         if diag:
             if len(x1) != len(x2):
                 raise ValueError(f"diag: x1 and x2 must pair up, got {len(x1)} and {len(x2)} inputs")
@@ -307,20 +285,21 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def orbit_averaged(kernel_fn, group, input_kind: str) -> OrbitAveraged:
-    """The kernel of a model trained with full-orbit augmentation under ``group`` (name or ``Group``)."""
+def orbit_averaged(kernel_fn, group) -> OrbitAveraged:
+    """The kernel of a model trained with full-orbit augmentation under ``group`` (name or ``Group``),
+    for images or ring signals (``Group.orbit``)."""
     if isinstance(group, str):
         group = Group.parse(group)
-    return OrbitAveraged(kernel_fn, group, input_kind)
+    return OrbitAveraged(kernel_fn, group)
 
 
 def mean_kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, **kwargs):
     """The kernel of the analytic ensemble mean: orbit-averaged for an augmented ``mlp``/``cnn``
-    (THEORY section 6), else the model's own kernel. A ``sphere_mlp`` with ``augmentation:
+    (docs/theory.md §6), else the model's own kernel. A ``sphere_mlp`` with ``augmentation:
     random`` gets its SO(3) orbit average (``analysis.kernel_so3_study``; docs/so3.md)."""
     if spec.so3:
         return so3_study_kernel_fn(spec, input_shape, n_out, orbit_average=spec.augmentation != "none")
     kf = kernel_fn(spec, input_shape, n_out, **kwargs)
     if spec.arch in ("mlp", "cnn") and spec.augmentation != "none":
-        return orbit_averaged(kf, spec.group_obj, "image" if len(input_shape) == 3 else "ring")
+        return orbit_averaged(kf, spec.group_obj)
     return kf

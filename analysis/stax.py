@@ -1,19 +1,11 @@
 """Kernel rules: one per entry of a layer plan (``study.architecture``), as in neural-tangents' stax.
 
-A rule maps the NNGP and NTK of a batch of input pairs through one layer (THEORY sections
-2-4). The batch is ``outer`` (``[B1, B2, ...]``: every x1 with every x2) or paired
-(``[B, ...]``: x1[i] with x2[i]). What a state holds depends on its ``kind``:
-
-- ``input``: the raw inputs (the first weight layer reads them directly);
-- ``input_flat``: the raw inputs flattened to vectors;
-- ``flat``: i.i.d. units, one number per pair;
-- ``positions``: one number per position ``p`` (the ``(p, p)`` entries only; enough for
-  convolutions whose output is flattened and read by a dense layer);
-- ``grid``: ``K((e, p), (h, q))`` as ``[.., G, H, W, H, W]``. Right invariance
-  ``K((g s, p), (g' s, q)) = K((g, p), (g', q))`` (THEORY section 3) makes this the whole
-  kernel: ``K((g, p), (g', q)) = grid[g' g^-1, p, q]``. Plain grids have ``G = 1``.
-- ``grid_full``: ``K((a, p), (a', q))`` as ``[.., G, H, W, G, H, W]`` (no right invariance);
-- ``group``: ``K(a, a')`` as ``[.., G, G]`` (regular fields without base space).
+A rule maps the NNGP and NTK of a batch of input pairs through one layer (docs/theory.md
+§2-§4). ``RULES`` holds one rule factory per layer type of the plan. The batch is ``outer``
+(``[B1, B2, ...]``: every x1 with every x2) or paired (``[B, ...]``: x1[i] with x2[i]). A
+state's ``form`` says how it stores the kernel: ``input``, ``input_flat``, ``flat``,
+``positions``, ``right_invariant``, ``full`` or ``group``, defined (with their tensor layouts)
+in ``study.architecture``, next to the feature kinds they hold.
 
 Nonlinearities need the variances ``K(x, x)`` of each input at each unit; ``var_of`` reads
 them off a paired state of ``(x, x)``, and the engine (``analysis.kernels``) records them
@@ -23,7 +15,7 @@ in a first pass over the inputs alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -48,7 +40,7 @@ from . import kernel_scratch as scratch
 from .kernel_nonlin import gaussian_factors
 from .kernel_ops import TorusCorrelation, axis_maps, diagonal_shift_sum, out_size, patches, window_rotations
 
-__all__ = ["Pairs", "Meta", "build_rules", "var_of"]
+__all__ = ["Pairs", "Meta", "RULES", "build_rules", "var_of"]
 
 # A basis covariance counts as right invariant when it is so up to this relative error
 # (round-off of the covariance sum). escnn's bases, symmetrised in float64 by
@@ -62,7 +54,7 @@ _RIGHT_INV_RTOL = 1e-12
 class Pairs:
     """NNGP and NTK of a batch of input pairs (see the module docstring)."""
 
-    kind: str
+    form: str
     outer: bool
     nngp: Optional[torch.Tensor] = None
     ntk: Optional[torch.Tensor] = None
@@ -72,13 +64,27 @@ class Pairs:
 
 @dataclass(frozen=True)
 class Meta:
-    """The shape of the features between layers: ``kind``, group size, grid, input size."""
+    """The kernel between layers: its storage ``form``, group size, grid, input size."""
 
-    kind: str
+    form: str
     G: int = 1
     H: int = 0
     W: int = 0
     d: int = 0  # input: channels (images, rings); input_flat: vector size
+
+    @property
+    def entries(self) -> int:
+        """Numbers stored per input pair."""
+        hw = max(self.H, 1) * max(self.W, 1)
+        return {
+            "input": self.d * hw,
+            "input_flat": 1,
+            "flat": 1,
+            "positions": hw,
+            "right_invariant": self.G * hw * hw,
+            "full": self.G**2 * hw * hw,
+            "group": self.G**2,
+        }[self.form]
 
 
 def var_of(st: Pairs) -> torch.Tensor:
@@ -88,41 +94,43 @@ def var_of(st: Pairs) -> torch.Tensor:
 
 def _var_view(st: Pairs) -> torch.Tensor:
     k = st.nngp
-    if st.kind in ("flat", "positions"):
+    if st.form in ("flat", "positions"):
         return k
-    if st.kind == "grid":
+    if st.form == "right_invariant":
         b, (h, w) = k.shape[:-5], k.shape[-2:]
         return k[..., 0, :, :, :, :].reshape(*b, h * w, h * w).diagonal(dim1=-2, dim2=-1).reshape(*b, h, w)
-    if st.kind == "grid_full":
+    if st.form == "full":
         b, (g, h, w) = k.shape[:-6], k.shape[-3:]
         n = g * h * w
         return k.reshape(*b, n, n).diagonal(dim1=-2, dim2=-1).reshape(*b, g, h, w)
-    if st.kind == "group":
+    if st.form == "group":
         return k.diagonal(dim1=-2, dim2=-1)
-    raise ValueError(f"no variances in a state of kind {st.kind!r}")
+    raise ValueError(f"no variances in a state of form {st.form!r}")
 
 
-def _expand_var(kind: str, var: torch.Tensor, side: int, outer: bool) -> torch.Tensor:
+def _expand_var(form: str, var: torch.Tensor, side: int, outer: bool) -> torch.Tensor:
     """Broadcast the variances of side 1 (rows) or 2 (columns) against the state's kernel."""
     if outer:
         var = var.unsqueeze(1) if side == 1 else var.unsqueeze(0)
-    if kind in ("flat", "positions"):
+    if form in ("flat", "positions"):
         return var
-    if kind == "grid":  # var [.., H, W] against [.., G, H, W, H, W]
+    if form == "right_invariant":  # var [.., H, W] against [.., G, H, W, H, W]
         var = var.unsqueeze(-3)
         return var[..., None, None] if side == 1 else var.unsqueeze(-3).unsqueeze(-3)
-    if kind == "grid_full":  # var [.., G, H, W] against [.., G, H, W, G, H, W]
+    if form == "full":  # var [.., G, H, W] against [.., G, H, W, G, H, W]
         return var[..., None, None, None] if side == 1 else var[..., None, None, None, :, :, :]
-    if kind == "group":  # var [.., G] against [.., G, G]
+    if form == "group":  # var [.., G] against [.., G, G]
         return var[..., :, None] if side == 1 else var[..., None, :]
-    raise ValueError(f"no nonlinearity on a state of kind {kind!r}")
+    raise ValueError(f"no nonlinearity on a state of form {form!r}")
 
 
 # ----- rules --------------------------------------------------------------------------------
 class Rule:
-    """One layer's action on a state. ``meta_out`` is the feature shape after the layer."""
+    """One layer's action on a state. ``meta_out`` is the kernel's shape after the layer;
+    ``fuses_next``: the rule also does the next plan entry's work (that entry gets no rule)."""
 
     uses_var = False
+    fuses_next = False
     meta_out: Meta
 
     def __call__(self, st: Pairs, want_ntk: bool, var1=None, var2=None) -> Pairs:
@@ -142,7 +150,7 @@ class _Linear(Rule):
         self.sw2 = affine.sigma_w**2
         self.sb2 = affine.sigma_b**2 if affine.bias else 0.0
 
-    def _finish(self, st: Pairs, kind: str, a_nngp, a_ntk, want_ntk: bool, scale: float | None = None) -> Pairs:
+    def _finish(self, st: Pairs, form: str, a_nngp, a_ntk, want_ntk: bool, scale: float | None = None) -> Pairs:
         f = self.sw2 * (self.scale if scale is None else scale)
         nngp = a_nngp.mul_(f)
         if self.sb2:
@@ -156,19 +164,19 @@ class _Linear(Rule):
             else:
                 ntk = torch.add(nngp, a_ntk, alpha=f, out=scratch.empty(nngp.shape))
                 scratch.recycle(a_ntk)
-        return Pairs(kind, st.outer, nngp, ntk)
+        return Pairs(form, st.outer, nngp, ntk)
 
-    def _linear_both(self, st: Pairs, op, kind: str, want_ntk: bool) -> Pairs:
+    def _linear_both(self, st: Pairs, op, form: str, want_ntk: bool) -> Pairs:
         a_ntk = op(st.ntk) if (want_ntk and st.ntk is not None) else None
-        return self._finish(st, kind, op(st.nngp), a_ntk, want_ntk)
+        return self._finish(st, form, op(st.nngp), a_ntk, want_ntk)
 
 
 class _Parameterless(Rule):
     """A fixed linear map of the features (pooling, flattening): the same ``A`` on both kernels."""
 
-    def _map(self, st: Pairs, op, kind: str, want_ntk: bool) -> Pairs:
+    def _map(self, st: Pairs, op, form: str, want_ntk: bool) -> Pairs:
         ntk = op(st.ntk) if (want_ntk and st.ntk is not None) else None
-        return Pairs(kind, st.outer, op(st.nngp), ntk)
+        return Pairs(form, st.outer, op(st.nngp), ntk)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor, outer: bool) -> torch.Tensor:
@@ -179,15 +187,15 @@ def _gram(a: torch.Tensor, b: torch.Tensor, outer: bool) -> torch.Tensor:
 class DenseRule(_Linear):
     def __init__(self, layer: Dense, meta: Meta):
         super().__init__(layer.affine)
-        if meta.kind not in ("input_flat", "positions", "flat"):
-            raise ValueError(f"Dense needs flat features, got {meta.kind}")
+        if meta.form not in ("input_flat", "positions", "flat"):
+            raise ValueError(f"Dense needs flat features, got a {meta.form} kernel")
         self.meta_out = Meta("flat")
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        if st.kind == "input_flat":
+        if st.form == "input_flat":
             k = _gram(st.x1, st.x2, st.outer)
             return self._finish(st, "flat", k, None, want_ntk, scale=1.0 / st.x1.shape[-1])
-        if st.kind == "positions":
+        if st.form == "positions":
             return self._linear_both(st, lambda m: m.mean(dim=(-2, -1)), "flat", want_ntk)
         return self._linear_both(st, lambda m: m.clone(), "flat", want_ntk)
 
@@ -195,20 +203,20 @@ class DenseRule(_Linear):
 class FlattenRule(_Parameterless):
     def __init__(self, meta: Meta):
         self.meta_in = meta
-        if meta.kind == "input":
+        if meta.form == "input":
             self.meta_out = Meta("input_flat", d=meta.d * max(meta.H, 1) * max(meta.W, 1))
-        elif meta.kind in ("grid", "positions") and meta.G == 1:
+        elif meta.form in ("right_invariant", "positions") and meta.G == 1:
             self.meta_out = Meta("positions", 1, meta.H, meta.W)
-        elif meta.kind == "flat":
+        elif meta.form == "flat":
             self.meta_out = meta
         else:
-            raise ValueError(f"Flatten of {meta.kind} features (G={meta.G}) is not a layer of any plan")
+            raise ValueError(f"Flatten of a {meta.form} kernel (G={meta.G}) is not a layer of any plan")
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        if st.kind == "input":
+        if st.form == "input":
             b1, b2 = st.x1.shape[0], st.x2.shape[0]
             return Pairs("input_flat", st.outer, x1=st.x1.reshape(b1, -1), x2=st.x2.reshape(b2, -1))
-        if st.kind == "grid":
+        if st.form == "right_invariant":
             h, w = self.meta_in.H, self.meta_in.W
 
             def diag(m):
@@ -221,8 +229,8 @@ class FlattenRule(_Parameterless):
 
 class GlobalAvgPoolRule(_Parameterless):
     def __init__(self, meta: Meta):
-        if meta.kind != "grid" or meta.G != 1:
-            raise ValueError(f"global average pooling needs a plain grid, got {meta.kind} (G={meta.G})")
+        if meta.form != "right_invariant" or meta.G != 1:
+            raise ValueError(f"global average pooling needs a plain grid, got a {meta.form} kernel (G={meta.G})")
         self.meta_out = Meta("flat")
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
@@ -231,19 +239,18 @@ class GlobalAvgPoolRule(_Parameterless):
 
 class GroupPoolRule(_Parameterless):
     def __init__(self, meta: Meta):
-        self.kind_in = meta.kind
-        if meta.kind in ("grid", "grid_full"):
-            self.meta_out = Meta("grid", 1, meta.H, meta.W)
-        elif meta.kind == "group":
+        if meta.form in ("right_invariant", "full"):
+            self.meta_out = Meta("right_invariant", 1, meta.H, meta.W)
+        elif meta.form == "group":
             self.meta_out = Meta("flat")
         else:
-            raise ValueError(f"group pooling needs regular fields, got {meta.kind}")
+            raise ValueError(f"group pooling needs regular fields, got a {meta.form} kernel")
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        if st.kind == "grid":  # (1/G^2) sum_{g,g'} K(g' g^-1) = mean over the relative element
-            return self._map(st, _group_mean, "grid", want_ntk)
-        if st.kind == "grid_full":
-            return self._map(st, lambda m: m.mean(dim=-3).mean(dim=-5).unsqueeze(-5), "grid", want_ntk)
+        if st.form == "right_invariant":  # (1/G^2) sum_{g,g'} K(g' g^-1) = mean over the relative element
+            return self._map(st, _group_mean, "right_invariant", want_ntk)
+        if st.form == "full":
+            return self._map(st, lambda m: m.mean(dim=-3).mean(dim=-5).unsqueeze(-5), "right_invariant", want_ntk)
         return self._map(st, lambda m: m.mean(dim=(-2, -1)), "flat", want_ntk)
 
 
@@ -255,24 +262,25 @@ def _group_mean(m: torch.Tensor) -> torch.Tensor:
 
 class NonlinRule(Rule):
     """``K' = E[phi phi]``, ``Theta' = E[phi' phi'] * Theta``. With ``pool`` (right-invariant
-    grids only) the group mean of the next layer is fused in: it runs before the factors
+    kernels only) the group mean of the next layer is fused in: it runs before the factors
     that depend only on the variances, which carry no group index."""
 
     uses_var = True
 
     def __init__(self, layer: Nonlin, meta: Meta, pool: bool = False):
-        if meta.kind in ("input", "input_flat"):
+        if meta.form in ("input", "input_flat"):
             raise ValueError("a nonlinearity must follow a weight layer")
-        if pool and meta.kind != "grid":
-            raise ValueError("only right-invariant grids fuse the group mean into the nonlinearity")
-        self.kind, self.pool = layer.kind, pool
-        self.meta_out = Meta("grid", 1, meta.H, meta.W) if pool else meta
+        if pool and meta.form != "right_invariant":
+            raise ValueError("only right-invariant kernels fuse the group mean into the nonlinearity")
+        self.nonlin, self.pool = layer.kind, pool
+        self.fuses_next = pool
+        self.meta_out = Meta("right_invariant", 1, meta.H, meta.W) if pool else meta
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        v1 = _expand_var(st.kind, var1, 1, st.outer)
-        v2 = _expand_var(st.kind, var2, 2, st.outer)
+        v1 = _expand_var(st.form, var1, 1, st.outer)
+        v2 = _expand_var(st.form, var2, 2, st.outer)
         need_d = want_ntk and st.ntk is not None
-        f = gaussian_factors(self.kind, st.nngp, v1, v2, st.ntk if need_d else None)
+        f = gaussian_factors(self.nonlin, st.nngp, v1, v2, st.ntk if need_d else None)
         if self.pool:
             psi = _group_mean(f.psi_core).mul_(f.psi_scale)
             ntk = _group_mean(f.dtheta_core).mul_(f.dtheta_scale) if need_d else None
@@ -280,7 +288,7 @@ class NonlinRule(Rule):
         else:
             psi = f.psi_core.mul_(f.psi_scale)
             ntk = f.dtheta_core.mul_(f.dtheta_scale) if need_d else None
-        return Pairs(st.kind, st.outer, psi, ntk)
+        return Pairs(st.form, st.outer, psi, ntk)
 
 
 # ----- convolutions with canonical (independent-tap) filters ---------------------------------
@@ -290,7 +298,7 @@ def _first_layer_patches(st: Pairs, k: int, padding: str):
 
 
 class ConvRule(_Linear):
-    """Plain convolution (THEORY section 2): ``A[M](p, q) = (1/k^2) sum_delta M(p+delta, q+delta)``.
+    """Plain convolution (docs/theory.md §2.3): ``A[M](p, q) = (1/k^2) sum_delta M(p+delta, q+delta)``.
 
     ``diag_only``: keep only the ``(p, p)`` entries, which is all a flatten readout needs.
     """
@@ -300,14 +308,14 @@ class ConvRule(_Linear):
         self.k, self.padding = layer.kernel_size, layer.padding
         self.scale = 1.0 / self.k**2
         self.diag_only = diag_only
-        if meta.kind not in ("input", "grid", "positions") or meta.G != 1:
-            raise ValueError(f"Conv needs images or a plain grid, got {meta.kind} (G={meta.G})")
+        if meta.form not in ("input", "right_invariant", "positions") or meta.G != 1:
+            raise ValueError(f"Conv needs images or a plain grid, got a {meta.form} kernel (G={meta.G})")
         h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
-        self.meta_out = Meta("positions" if diag_only else "grid", 1, h, w)
+        self.meta_out = Meta("positions" if diag_only else "right_invariant", 1, h, w)
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
         k = self.k
-        if st.kind == "input":
+        if st.form == "input":
             p1, p2 = _first_layer_patches(st, k, self.padding)
             n1, c, kk, h, w = p1.shape
             n2 = p2.shape[0]
@@ -319,7 +327,7 @@ class ConvRule(_Linear):
                 else:
                     m = (a * b).sum(1)
                 m = m.reshape(*m.shape[:-1], h, w)
-                kind = "positions"
+                form = "positions"
             else:
                 if st.outer:
                     m = a.permute(0, 2, 1).reshape(n1 * h * w, c * kk) @ b.permute(1, 0, 2).reshape(c * kk, n2 * h * w)
@@ -327,9 +335,9 @@ class ConvRule(_Linear):
                 else:
                     m = torch.bmm(a.transpose(1, 2), b)
                 m = m.reshape(*m.shape[:-2], 1, h, w, h, w)
-                kind = "grid"
-            return self._finish(st, kind, m, None, want_ntk, scale=1.0 / (c * kk))
-        if st.kind == "positions":
+                form = "right_invariant"
+            return self._finish(st, form, m, None, want_ntk, scale=1.0 / (c * kk))
+        if st.form == "positions":
 
             def op(m):
                 t = diagonal_shift_sum(m, k, self.padding, -2)
@@ -345,7 +353,7 @@ class ConvRule(_Linear):
             scratch.recycle(t)
             return out
 
-        return self._linear_both(st, op, "grid", want_ntk)
+        return self._linear_both(st, op, "right_invariant", want_ntk)
 
 
 class LiftRule(_Linear):
@@ -353,12 +361,12 @@ class LiftRule(_Linear):
 
     def __init__(self, layer: Lift, meta: Meta, group: Group):
         super().__init__(layer.affine)
-        if meta.kind != "input":
+        if meta.form != "input":
             raise ValueError("a lifting layer reads the input images")
         self.k, self.padding, self.G = layer.kernel_size, layer.padding, group.order
         self.rot = torch.from_numpy(window_rotations(group, self.k))
         h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
-        self.meta_out = Meta("grid", group.order, h, w)
+        self.meta_out = Meta("right_invariant", group.order, h, w)
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
         p1, p2 = _first_layer_patches(st, self.k, self.padding)
@@ -373,22 +381,22 @@ class LiftRule(_Linear):
         else:
             m = torch.matmul(a[:, None], b, out=scratch.empty((n1, G, P, P)))
         m = m.reshape(*m.shape[:-3], G, h, w, h, w)
-        return self._finish(st, "grid", m, None, want_ntk, scale=1.0 / (c * kk))
+        return self._finish(st, "right_invariant", m, None, want_ntk, scale=1.0 / (c * kk))
 
 
 class GroupConvRule(_Linear):
-    """Canonical group convolution on right-invariant kernels (any support, THEORY section 3):
+    """Canonical group convolution on right-invariant kernels (any support, docs/theory.md §3):
     ``K~'(h, p, q) = (1/k^2) sum_delta Psi~(h, p + delta, q + R_h delta)``, a separable shifted sum."""
 
     def __init__(self, layer: GroupConv, meta: Meta, group: Group):
         super().__init__(layer.affine)
-        if meta.kind != "grid" or meta.G != group.order:
-            raise ValueError(f"group convolution needs right-invariant regular fields, got {meta.kind}")
+        if meta.form != "right_invariant" or meta.G != group.order:
+            raise ValueError(f"group convolution needs right-invariant regular fields, got a {meta.form} kernel")
         self.k, self.padding = layer.kernel_size, layer.padding
         self.scale = 1.0 / self.k**2
         self.maps = axis_maps(group)
         h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
-        self.meta_out = Meta("grid", group.order, h, w)
+        self.meta_out = Meta("right_invariant", group.order, h, w)
 
     def _op(self, m):
         k, pad = self.k, self.padding
@@ -403,10 +411,10 @@ class GroupConvRule(_Linear):
         return out
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        return self._linear_both(st, self._op, "grid", want_ntk)
+        return self._linear_both(st, self._op, "right_invariant", want_ntk)
 
 
-# ----- layers given by a parameter basis (THEORY section 4) -----------------------------------
+# ----- layers given by a parameter basis (docs/theory.md §4) ----------------------------------
 def _covariance(basis) -> np.ndarray:
     """``C[(a, b, t), (a', b', t')] = sum_j B_j B_j / fan_in_per_field`` as ``[G, b, t, G, b, t]``."""
     T = np.asarray(basis.tensor, dtype=np.float64)
@@ -442,14 +450,14 @@ class LiftBasisRule(_Linear):
 
     def __init__(self, layer: Lift, meta: Meta, group: Group, basis, right_inv: bool):
         super().__init__(layer.affine)
-        if meta.kind != "input":
+        if meta.form != "input":
             raise ValueError("a lifting layer reads the input images")
         self.k, self.padding, self.G, self.right_inv = layer.kernel_size, layer.padding, group.order, right_inv
         T = np.array(basis.tensor, dtype=np.float64)  # [D, G, 1, k, k] (a writable copy)
         self.T = torch.from_numpy(T.reshape(T.shape[0], T.shape[1], -1))  # [D, G, kk]
         self.fan = basis.fan_in_per_field
         h, w = out_size(meta.H, self.k, self.padding), out_size(meta.W, self.k, self.padding)
-        self.meta_out = Meta("grid" if right_inv else "grid_full", group.order, h, w)
+        self.meta_out = Meta("right_invariant" if right_inv else "full", group.order, h, w)
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
         p1, p2 = _first_layer_patches(st, self.k, self.padding)
@@ -471,11 +479,11 @@ class LiftBasisRule(_Linear):
         b = m.shape[:-2]
         if self.right_inv:  # [.., P, (h, q)] -> [.., h, p, q]
             m = m.reshape(*b, P, G, P).movedim(-2, -3).reshape(*b, G, h, w, h, w)
-            kind = "grid"
+            form = "right_invariant"
         else:
             m = m.reshape(*b, G, h, w, G, h, w)
-            kind = "grid_full"
-        return self._finish(st, kind, m, None, want_ntk, scale=1.0 / (c * self.fan))
+            form = "full"
+        return self._finish(st, form, m, None, want_ntk, scale=1.0 / (c * self.fan))
 
 
 class GroupConvBasisRule(_Linear):
@@ -488,10 +496,10 @@ class GroupConvBasisRule(_Linear):
 
     def __init__(self, layer: GroupConv, meta: Meta, group: Group, basis, right_inv: bool):
         super().__init__(layer.affine)
-        if meta.kind not in ("grid", "grid_full") or meta.G != group.order:
-            raise ValueError(f"group convolution needs regular fields, got {meta.kind}")
+        if meta.form not in ("right_invariant", "full") or meta.G != group.order:
+            raise ValueError(f"group convolution needs regular fields, got a {meta.form} kernel")
         self.group, self.right_inv = group, right_inv
-        self.in_right_inv = meta.kind == "grid"
+        self.in_right_inv = meta.form == "right_invariant"
         k, G = layer.kernel_size, group.order
         C = _covariance(basis)  # [G, G, kk, G, G, kk]
         if right_inv:
@@ -501,7 +509,7 @@ class GroupConvBasisRule(_Linear):
         else:
             w = C.transpose(0, 3, 1, 4, 2, 5).reshape(G * G, G * G, k * k, k * k)
         self.corr = TorusCorrelation(w, k, layer.padding, meta.H, meta.W)
-        self.meta_out = Meta("grid" if right_inv else "grid_full", G, self.corr.h_out, self.corr.w_out)
+        self.meta_out = Meta("right_invariant" if right_inv else "full", G, self.corr.h_out, self.corr.w_out)
 
     def _op(self, m):
         if self.right_inv:
@@ -517,7 +525,7 @@ class GroupConvBasisRule(_Linear):
         return out.permute(*range(len(b)), -6, -4, -3, -5, -2, -1)
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        return self._linear_both(st, self._op, "grid" if self.right_inv else "grid_full", want_ntk)
+        return self._linear_both(st, self._op, "right_invariant" if self.right_inv else "full", want_ntk)
 
 
 def _right_inv_weights(C: np.ndarray, cb: np.ndarray) -> np.ndarray:
@@ -538,7 +546,7 @@ class GroupLiftRule(_Linear):
 
     def __init__(self, layer: GroupLift, meta: Meta, group: Group, perm: np.ndarray, basis=None):
         super().__init__(layer.affine)
-        if meta.kind != "input_flat":
+        if meta.form != "input_flat":
             raise ValueError("a group lifting layer reads the flattened input")
         G = group.order
         self.G = G
@@ -570,7 +578,7 @@ class GroupDenseRule(_Linear):
 
     def __init__(self, layer: GroupDense, meta: Meta, group: Group, basis=None):
         super().__init__(layer.affine)
-        if meta.kind != "group":
+        if meta.form != "group":
             raise ValueError("a group dense layer reads regular fields without base space")
         G = group.order
         self.G = G
@@ -616,6 +624,105 @@ def _diag_only_flags(plan: list[Layer]) -> list[bool]:
     return flags
 
 
+@dataclass(frozen=True)
+class PlanContext:
+    """What a rule factory reads besides its layer and the incoming kernel's ``Meta``."""
+
+    plan: list[Layer]
+    input_shape: tuple[int, ...]
+    group: Group
+    diag_only: list[bool]  # per entry: may a plain convolution keep only the (p, p) entries
+    use_basis: dict[int, bool]  # per group layer (by index): through its basis covariance
+    right_inv: bool  # right-invariant storage for the grid layers
+
+    def basis(self, layer):
+        return _basis(layer, self.group, self.input_shape)
+
+
+def _basis(layer, group: Group, input_shape: tuple):
+    """The parameter basis of a group layer for one input field, as the finite layer draws it."""
+    if isinstance(layer, Lift):
+        return filter_basis(group, "lift", 1, layer.kernel_size, layer.basis, "full")
+    if isinstance(layer, GroupConv):
+        return filter_basis(group, "gconv", 1, layer.kernel_size, layer.basis, layer.support)
+    if isinstance(layer, GroupLift):
+        return filter_basis(group, "glift", 1, 0, layer.basis, "full", domain_permutation(group, input_shape))
+    return filter_basis(group, "gdense", 1, 0, layer.basis, layer.support)
+
+
+# One rule factory per layer type of the plan: ``(layer, meta, index in the plan, context) -> Rule``.
+RuleFactory = Callable[[Layer, Meta, int, PlanContext], Rule]
+RULES: dict[type, RuleFactory] = {}
+
+
+def rule_for(*layer_types: type):
+    """Register the decorated function as the kernel rule factory of ``layer_types``."""
+
+    def register(fn: RuleFactory) -> RuleFactory:
+        for t in layer_types:
+            RULES[t] = fn
+        return fn
+
+    return register
+
+
+@rule_for(Dense)
+def _dense(layer, meta, i, ctx):
+    return DenseRule(layer, meta)
+
+
+@rule_for(Flatten)
+def _flatten(layer, meta, i, ctx):
+    return FlattenRule(meta)
+
+
+@rule_for(GlobalAvgPool)
+def _global_avg_pool(layer, meta, i, ctx):
+    return GlobalAvgPoolRule(meta)
+
+
+@rule_for(GroupPool)
+def _group_pool(layer, meta, i, ctx):
+    return GroupPoolRule(meta)
+
+
+@rule_for(Nonlin)
+def _nonlin(layer, meta, i, ctx):
+    plan = ctx.plan
+    pool = meta.form == "right_invariant" and i + 1 < len(plan) and isinstance(plan[i + 1], GroupPool)
+    return NonlinRule(layer, meta, pool=pool)
+
+
+@rule_for(Conv)
+def _conv(layer, meta, i, ctx):
+    return ConvRule(layer, meta, ctx.diag_only[i])
+
+
+@rule_for(Lift)
+def _lift(layer, meta, i, ctx):
+    if ctx.use_basis[i]:
+        return LiftBasisRule(layer, meta, ctx.group, ctx.basis(layer), ctx.right_inv)
+    return LiftRule(layer, meta, ctx.group)
+
+
+@rule_for(GroupConv)
+def _group_conv(layer, meta, i, ctx):
+    if ctx.use_basis[i]:
+        return GroupConvBasisRule(layer, meta, ctx.group, ctx.basis(layer), ctx.right_inv)
+    return GroupConvRule(layer, meta, ctx.group)
+
+
+@rule_for(GroupLift)
+def _group_lift(layer, meta, i, ctx):
+    perm = domain_permutation(ctx.group, ctx.input_shape)
+    return GroupLiftRule(layer, meta, ctx.group, perm, ctx.basis(layer) if ctx.use_basis[i] else None)
+
+
+@rule_for(GroupDense)
+def _group_dense(layer, meta, i, ctx):
+    return GroupDenseRule(layer, meta, ctx.group, ctx.basis(layer) if ctx.use_basis[i] else None)
+
+
 def build_rules(plan: list[Layer], input_shape: tuple[int, ...], group: Group, route: str = "auto") -> list[Rule]:
     """The kernel rules of a layer plan for inputs of ``input_shape`` (no batch axis).
 
@@ -629,66 +736,29 @@ def build_rules(plan: list[Layer], input_shape: tuple[int, ...], group: Group, r
         meta = Meta("input", 1, input_shape[1], input_shape[2], d=input_shape[0])
     else:
         meta = Meta("input", 1, input_shape[1], 1, d=input_shape[0])
-    diag_flags = _diag_only_flags(plan)
-
-    def basis_for(layer):
-        if isinstance(layer, Lift):
-            return filter_basis(group, "lift", 1, layer.kernel_size, layer.basis, "full")
-        if isinstance(layer, GroupConv):
-            return filter_basis(group, "gconv", 1, layer.kernel_size, layer.basis, layer.support)
-        if isinstance(layer, GroupLift):
-            return filter_basis(group, "glift", 1, 0, layer.basis, "full", domain_permutation(group, input_shape))
-        return filter_basis(group, "gdense", 1, 0, layer.basis, layer.support)
-
-    use_basis = {}
-    for i, layer in enumerate(plan):
-        if isinstance(layer, (Lift, GroupConv, GroupLift, GroupDense)):
-            use_basis[i] = layer.basis != "canonical" or route != "auto"
+    use_basis = {
+        i: layer.basis != "canonical" or route != "auto"
+        for i, layer in enumerate(plan)
+        if isinstance(layer, (Lift, GroupConv, GroupLift, GroupDense))
+    }
     # Right-invariant storage for the grid layers when every basis layer allows it.
     right_inv = route != "basis_full" and all(
-        right_invariant(basis_for(plan[i]), group)
+        right_invariant(_basis(plan[i], group, input_shape), group)
         for i, b in use_basis.items()
         if b and isinstance(plan[i], (Lift, GroupConv))
     )
+    ctx = PlanContext(list(plan), tuple(input_shape), group, _diag_only_flags(plan), use_basis, right_inv)
 
     rules: list[Rule] = []
     skip = False
     for i, layer in enumerate(plan):
-        if skip:  # a group mean fused into the nonlinearity before it
+        if skip:  # fused into the rule before it
             skip = False
             continue
-        if isinstance(layer, Dense):
-            rule = DenseRule(layer, meta)
-        elif isinstance(layer, Flatten):
-            rule = FlattenRule(meta)
-        elif isinstance(layer, GlobalAvgPool):
-            rule = GlobalAvgPoolRule(meta)
-        elif isinstance(layer, GroupPool):
-            rule = GroupPoolRule(meta)
-        elif isinstance(layer, Nonlin):
-            skip = meta.kind == "grid" and i + 1 < len(plan) and isinstance(plan[i + 1], GroupPool)
-            rule = NonlinRule(layer, meta, pool=skip)
-        elif isinstance(layer, Conv):
-            rule = ConvRule(layer, meta, diag_flags[i])
-        elif isinstance(layer, Lift):
-            if use_basis[i]:
-                rule = LiftBasisRule(layer, meta, group, basis_for(layer), right_inv)
-            else:
-                rule = LiftRule(layer, meta, group)
-        elif isinstance(layer, GroupConv):
-            if use_basis[i]:
-                rule = GroupConvBasisRule(layer, meta, group, basis_for(layer), right_inv)
-            else:
-                rule = GroupConvRule(layer, meta, group)
-        elif isinstance(layer, GroupLift):
-            perm = domain_permutation(group, input_shape)
-            rule = GroupLiftRule(layer, meta, group, perm, basis_for(layer) if use_basis[i] else None)
-        elif isinstance(layer, GroupDense):
-            rule = GroupDenseRule(layer, meta, group, basis_for(layer) if use_basis[i] else None)
-        else:  # pragma: no cover - the plan's Union rules this out
-            raise ValueError(f"no kernel rule for layer {layer!r}")
+        rule = RULES[type(layer)](layer, meta, i, ctx)
+        skip = rule.fuses_next
         rules.append(rule)
         meta = rule.meta_out
-    if meta.kind != "flat":
-        raise ValueError(f"the plan must end in flat outputs, ends in {meta.kind}")
+    if meta.form != "flat":
+        raise ValueError(f"the plan must end in flat outputs, ends in {meta.form}")
     return rules

@@ -1,6 +1,6 @@
-"""Analytic kernels against closed forms and against a brute-force evaluation of THEORY's formulas.
+"""Analytic kernels against closed forms and against a brute-force evaluation of docs/theory.md's formulas.
 
-The brute force below applies THEORY sections 2-3 and docs/models.md literally, on the full
+The brute force below applies docs/theory.md §2-§3 and docs/models.md literally, on the full
 feature index (input, group element, position) of a tiny joint input set: no right
 invariance, no separable shifts, no patches, no FFT. Tolerances are float64 round-off of
 sums of at most a few thousand terms (<= 1e-12 relative).

@@ -1,4 +1,4 @@
-"""Identities the analytic kernels must satisfy (THEORY sections 3, 4 and 6), and engine consistency.
+"""Identities the analytic kernels must satisfy (docs/theory.md §3, §4 and §6), and engine consistency.
 
 Tolerances: 1e-12 / 1e-10 relative are float64 round-off of two different evaluation orders
 (with margin). escnn samples its basis in float32; study.bases projects it onto exactly
@@ -74,7 +74,7 @@ SYMMETRISED = [
 
 @pytest.mark.parametrize("eq,plain,kw,shape", SYMMETRISED, ids=lambda v: str(v))
 def test_identity_support_is_the_orbit_averaged_network(eq, plain, kw, shape):
-    """THEORY section 3: the identity-support GCNN (group MLP) kernel is the CNN (MLP) kernel
+    """docs/theory.md §3.3: the identity-support GCNN (group MLP) kernel is the CNN (MLP) kernel
     averaged over the orbit of one argument. (Only with a rotation-invariant readout: with a
     flatten readout the GCNN's pooled features meet rotated readout weights, so it is not
     the symmetrised CNN with the same weights.)"""
@@ -82,8 +82,7 @@ def test_identity_support_is_the_orbit_averaged_network(eq, plain, kw, shape):
     common = dict(sigma_w=1.2, sigma_b=0.3, **kw)
     spec_eq = ModelSpec(name="e", arch=eq, support="identity", **common)
     spec_plain = ModelSpec(name="p", arch=plain, augmentation="full_orbit", **common)
-    kind = "image" if len(shape) == 3 else "ring"
-    averaged = orbit_averaged(kernel_fn(spec_plain, shape), spec_plain.group_obj, kind)
+    averaged = orbit_averaged(kernel_fn(spec_plain, shape), spec_plain.group_obj)
     want, got = averaged(x), kernel_fn(spec_eq, shape)(x)
     for name in ("nngp", "ntk"):
         assert _rel(got[name], want[name]) < 1e-10
@@ -103,7 +102,7 @@ def test_identity_support_is_the_orbit_averaged_network(eq, plain, kw, shape):
     ("group_mlp", dict(group="D5"), (1, 10)),
 ])
 def test_full_support_equals_identity_support_for_canonical_filters(arch, kw, shape):
-    """Right invariance (THEORY section 3): the support changes nothing at infinite width."""
+    """Right invariance (docs/theory.md §3.2): the support changes nothing at infinite width."""
     x = _inputs(shape, seed=2)
     full = kernel_fn(ModelSpec(name="f", arch=arch, support="full", sigma_b=0.1, **kw), shape)(x)
     ident = kernel_fn(ModelSpec(name="i", arch=arch, support="identity", sigma_b=0.1, **kw), shape)(x)
@@ -120,7 +119,7 @@ def test_full_support_equals_identity_support_for_canonical_filters(arch, kw, sh
     ("group_mlp", dict(group="D3", support="identity"), (1, 6)),
 ])
 def test_covariance_route_with_canonical_basis_equals_fast_route(route, arch, kw, shape):
-    """THEORY section 4 evaluated with the canonical basis tensors gives section 3's kernel."""
+    """docs/theory.md §4 evaluated with the canonical basis tensors gives §3's kernel (§4.2)."""
     spec = ModelSpec(name="m", arch=arch, sigma_b=0.25, **kw)
     x = _inputs(shape, seed=3)
     fast = kernel_fn(spec, shape)(x)

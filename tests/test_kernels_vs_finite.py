@@ -3,7 +3,7 @@
 For every model family the workers build, finite networks (float64, N(0, 1) parameters,
 ``workers.models``) at three widths ``w0 < w1 < w2 = 16 w0`` and ``n`` fixed seeds give
 empirical NTKs and NNGP estimates (``workers.empirical_ntk``). With ``Theta`` the analytic
-kernel, the relative Frobenius deviations obey (THEORY section 2):
+kernel, the relative Frobenius deviations obey (docs/theory.md §2.4):
 
 - one initialisation: ``r(w)^2 = mean_s ||Theta_s - Theta||^2 / ||Theta||^2 = O(1/w)`` (fluctuations
   O(1/sqrt(w)) plus an O(1/w) bias), so ``r(w0) / r(w2)`` should be about ``sqrt(16) = 4``. We

@@ -54,7 +54,7 @@ SPECS = [
     (dict(arch="group_mlp", group="D6", basis="escnn"), (1, 12)),
 ]
 
-LAYER_TYPES = {
+FINITE_LAYER = {
     arch.Dense: NTKDense,
     arch.Conv: NTKConv2d,
     arch.Lift: BasisConv2d,
@@ -77,7 +77,7 @@ def test_one_finite_layer_per_plan_entry(kw, shape):
         if isinstance(entry, arch.Nonlin):
             assert isinstance(layer, (Pointwise, PointwiseNonlin)) and layer.kind == entry.kind
         else:
-            assert isinstance(layer, LAYER_TYPES[type(entry)])
+            assert isinstance(layer, FINITE_LAYER[type(entry)])
     init_parameters(model, 0)
     for dtype in (torch.float32, torch.float64):
         y = model(torch.randn(4, *shape, dtype=dtype))

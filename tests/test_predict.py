@@ -1,7 +1,7 @@
 """analysis.predict against direct iteration of linearised GD, and analysis.blocks.
 
 The kernels here are closed forms written out in this file (the one-hidden-layer ReLU
-network in NTK parameterisation, THEORY section 2), so these tests depend on nothing
+network in NTK parameterisation, docs/theory.md §2), so these tests depend on nothing
 but numpy and the code under test.
 """
 

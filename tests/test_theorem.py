@@ -1,4 +1,4 @@
-"""THEORY section 6 at infinite width: full-orbit augmentation and GCNNs share their mean.
+"""docs/theory.md §6 at infinite width: full-orbit augmentation and GCNNs share their mean.
 
 Ensemble A trains an ``mlp`` / ``cnn`` on the full-orbit augmented set (its own kernels on
 ``|G| N`` samples, loss over ``|G| N``); ensemble B trains the canonical ``group_mlp`` /

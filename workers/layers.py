@@ -1,4 +1,5 @@
-"""Finite layers in NTK parameterisation, one per kind of `study.architecture` layer.
+"""Finite layers in NTK parameterisation for the layer types of `study.architecture`
+(``workers.models.BUILDERS`` picks one per plan entry).
 
 Every weight and bias is a plain ``Parameter`` drawn N(0, 1) (``workers.models.init_parameters``);
 a layer computes ``sigma_w / sqrt(fan_in) * (weights . inputs) + sigma_b * b``.

@@ -222,7 +222,7 @@ class SO3Net(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.lift(x)
+        f = self.lift(x.to(self.readout.weight.dtype))  # inputs in the parameters' dtype, as workers.models.Network
         for nl, conv in zip(self.nonlins, self.convs):
             f = conv(nl(f))
         return self.readout(self.pool(f))
@@ -241,14 +241,25 @@ def sphere_mlp_inputs(x, L_in: int, dtype=torch.float64) -> torch.Tensor:
     Then ``z . z' / (C n_pix) = (1/C) sum_c sum_x w_x x_c x'_c``, the quadrature inner product
     (exact, so rotation invariant, for inputs of band limit ``< L``).
     """
+    return _weighted(torch.as_tensor(x, dtype=dtype), _sample_scale(L_in, dtype))
+
+
+def _sample_scale(L_in: int, dtype) -> torch.Tensor:
+    """``sqrt(n_pix w)`` on the DH grid of bandwidth ``L_in``, ``[2L, 2L]``."""
     g = dh_grid(L_in)
-    x = torch.as_tensor(x, dtype=dtype)
-    scale = torch.as_tensor(np.sqrt(g.weights * g.weights.size), dtype=dtype)
-    return (x * scale).reshape(x.shape[0], -1)
+    return torch.as_tensor(np.sqrt(g.weights * g.weights.size), dtype=dtype)
+
+
+def _weighted(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.to(scale.dtype) * scale).flatten(-3)
 
 
 class SphereMLP(nn.Module):
-    """Dense NTK-parameterised MLP on ``sphere_mlp_inputs``: ``[N, C, 2L, 2L] -> [N, outputs]``."""
+    """Dense NTK-parameterised MLP on ``sphere_mlp_inputs``: ``[N, C, 2L, 2L] -> [N, outputs]``.
+
+    The input weights ``sqrt(n_pix w)`` are a buffer (cast with the module), so the forward is
+    a pure function of parameters and input (``functional_call``/``vmap``, any device).
+    """
 
     def __init__(self, spec: SphereMLPSpec, width: int, generator: Optional[torch.Generator] = None,
                  dtype=torch.float64):
@@ -260,9 +271,10 @@ class SphereMLP(nn.Module):
             NTKLinear(sizes[i], sizes[i + 1], spec.sigma_w, spec.sigma_b, generator, dtype) for i in range(spec.depth)
         )
         self.readout = NTKLinear(sizes[-1], spec.outputs, spec.readout_sigma_w, spec.sigma_b, generator, dtype)
+        self.register_buffer("scale", _sample_scale(spec.L_in, dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = sphere_mlp_inputs(x, self.spec.L_in, self.readout.weight.dtype)
+        h = _weighted(x, self.scale)  # [N, C 4L^2], as sphere_mlp_inputs
         for layer in self.hidden:
             h = phi(self.spec.nonlin, layer(h))
         return self.readout(h)
