@@ -281,7 +281,7 @@ def pooled_spread(spr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 # ----- pairs of models -------------------------------------------------------------------
 def model_pairs(specs: list[ModelSpec]) -> list[dict]:
-    """The comparisons THEORY section 6 predicts something about.
+    """The comparisons docs/theory.md §6 predicts something about.
 
     - ``augmentation``: an augmented mlp/cnn (full_orbit or random) and each GCNN of the same
       group (mlp <-> group_mlp, cnn <-> gcnn, sphere_mlp <-> so3_gcnn; any support or basis).

@@ -1,4 +1,4 @@
-"""Gaussian expectations of the nonlinearities (THEORY section 2), elementwise in float64.
+"""Gaussian expectations of the nonlinearities (docs/theory.md §2), elementwise in float64.
 
 For ``(u, v)`` jointly Gaussian with ``E u^2 = v1``, ``E v^2 = v2``, ``E uv = k12``:
 ``psi = E[phi(u) phi(v)]`` and ``dpsi = E[phi'(u) phi'(v)]``; the NTK recursion needs

@@ -216,7 +216,7 @@ def variance_ratio(s: Summary, path: Path) -> Optional[str]:
             _time_axis(ax, s.lrs[0])
             ax.legend()
     return ("Mean ensemble variance over mean analytic variance per eval set over training time, at each model's largest "
-            "width (THEORY section 6: augmented and GCNN ensembles share their mean, not their spread).")
+            "width (docs/theory.md §6: augmented and GCNN ensembles share their mean, not their spread).")
 
 
 # The report's plots in page order; each writes ``<name>.png``.

@@ -1,5 +1,5 @@
 """Infinite-width kernel regression: cached kernel matrices, learning curves, confidence
-intervals and paired differences (THEORY section 7; the paper's second claim).
+intervals and paired differences (docs/theory.md §7; the paper's second claim).
 
 For each model spec the kernel of its analytic ensemble mean (``mean_kernel_fn``: the
 orbit-averaged kernel for a full-orbit augmented MLP/CNN, the model's own kernel otherwise)

@@ -81,7 +81,7 @@ def width(s: Summary, summary: pd.DataFrame) -> str:
             + ("; at the noise floor at every width, so the slope does not measure the finite-width bias)" if at_floor else ")")
         )
     return (f"Relative error of the ensemble mean pooled over all eval sets and steps after initialisation, against width "
-            f"(log-log slope; -1 is the O(1/width) bias of THEORY section 2, about 0 an error set by the ensemble's own "
+            f"(log-log slope; -1 is the O(1/width) bias of docs/theory.md §2, about 0 an error set by the ensemble's own "
             f"noise; the bias-corrected slope uses sqrt(error^2 - SE^2), n/a where that is zero at some width): the error "
             f"falls for {falling} of {n} models, and for {floor_all} of {n} it is within {NOISE_FLOOR_FACTOR:g} times the "
             f"noise of an ensemble of this size at every width. " + "; ".join(parts) + ".")

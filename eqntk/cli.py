@@ -20,7 +20,6 @@ from pathlib import Path
 from study.config import StudyError, builtin_study_path
 
 from .kinds import RunOptions, kind_of_dir, kind_of_study
-from .kinds.ensemble import resolved_study  # noqa: F401  (tests build ensemble study.json with it)
 
 
 def cmd_validate(args) -> int:

@@ -24,7 +24,7 @@ from analysis import compare, empirical
 from analysis import report as rep
 from analysis import theory
 from study.atomic import atomic_path
-from study.config import StudyConfig
+from study.config import study_from_dict
 from study.grid import expand
 
 from .store import ResultStore, read_predictions
@@ -44,7 +44,7 @@ def unit_table(out: Path) -> pd.DataFrame:
     """Every unit of the study with its state (done, diverged, failed, pending) and record fields."""
     store = ResultStore(out)
     resolved = store.resolved_study()
-    units = expand(StudyConfig(**resolved["config"]), resolved["data_digest"])
+    units = expand(study_from_dict(resolved["config"]), resolved["data_digest"])
     states = store.unit_states(units)
     rows = []
     for u in units:
@@ -99,7 +99,7 @@ def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optiona
     t0 = time.perf_counter()
     store = ResultStore(out)
     resolved = store.resolved_study()
-    cfg = StudyConfig(**resolved["config"])
+    cfg = study_from_dict(resolved["config"])
     specs = cfg.model_specs
     stats, units = load_ensembles(out)
     t1 = time.perf_counter()

@@ -9,7 +9,7 @@
 #    Fortran compiler and only speeds up SO(3) Clebsch-Gordan coefficients. escnn's other
 #    dependencies (lie_learn, pymanopt, autograd, joblib) are listed in pyproject.toml.
 #  - PySCF (PYSCF_SPEC) computes the energies of the built-in molecules data set
-#    (study/molecules.py); it is pinned here like torch, with wheels for Linux and macOS
+#    (study/molecules/pyscf_energies.py); it is pinned here like torch, with wheels for Linux and macOS
 #    (x86_64 and arm64), so no compiler is needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

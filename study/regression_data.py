@@ -15,7 +15,7 @@ import numpy as np
 
 from . import molecules as M
 from .atomic import atomic_savez
-from .config import StudyConfig, StudyError
+from .config import RegressionStudy, StudyError
 from .data import StudyData, _labelled, _normalize
 from .seeds import derive_seed
 from .sphere import dh_grid, isht, sht
@@ -71,7 +71,7 @@ class RegressionData:
                        z["train_z"] if mol else None, z["test_z"] if mol else None)
 
 
-def build_regression_data(cfg: StudyConfig, base: Path) -> RegressionData:
+def build_regression_data(cfg: RegressionStudy, base: Path) -> RegressionData:
     d, r = cfg.data, cfg.regression
     if d.train.source == "molecules":
         return build_molecule_data(cfg, base)
@@ -180,7 +180,7 @@ def _pad_atoms(a: np.ndarray, atoms: int) -> np.ndarray:
     return np.concatenate([a, pad], axis=1)
 
 
-def build_molecule_data(cfg: StudyConfig, base: Path) -> RegressionData:
+def build_molecule_data(cfg: RegressionStudy, base: Path) -> RegressionData:
     """Pool and test molecules: per-atom environments standardised by the pool's atoms, padded
     to one atom count, energies ``[N, 1]`` in eV."""
     d, r = cfg.data, cfg.regression

@@ -1,6 +1,6 @@
 """Signals on the sphere S^2 and functions on SO(3): grids, quadrature, harmonics, Wigner D.
 
-One convention for the whole project (THEORY section 7, the molecules experiment), chosen
+One convention for the whole project (docs/theory.md §7, the molecules experiment), chosen
 so that every transform is exact for band-limited signals and every test can demand
 round-off agreement:
 

@@ -182,8 +182,8 @@ def closed_form_kernels(spec, input_shape, n_out):
 
 def write_synthetic_results(root: Path) -> Path:
     """Write a results directory for the synthetic study whose ensembles sit at known offsets from theory."""
-    # deferred: eqntk.cli loads Ray and escnn, which most test files never need
-    from eqntk.cli import resolved_study
+    # deferred: eqntk loads Ray and escnn, which most test files never need
+    from eqntk.kinds.ensemble import resolved_study
 
     s = SYNTHETIC
     cfg = parse_study(s.text)

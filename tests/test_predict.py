@@ -23,11 +23,17 @@ def relu_kernels(x1, x2=None, sw=SW, sb=SB):
     x1 = np.asarray(x1, dtype=np.float64).reshape(len(x1), -1)
     x2 = x1 if x2 is None else np.asarray(x2, dtype=np.float64).reshape(len(x2), -1)
     d = x1.shape[1]
-    k0 = sw**2 * x1 @ x2.T / d + sb**2
-    n1 = sw**2 * np.einsum("ij,ij->i", x1, x1) / d + sb**2
-    n2 = sw**2 * np.einsum("ij,ij->i", x2, x2) / d + sb**2
-    norm = np.sqrt(np.outer(n1, n2))
-    theta = np.arccos(np.clip(k0 / norm, -1.0, 1.0))
+    # pre-activation covariance as inner products of a = (sw x / sqrt(d), sb)
+    a1, a2 = (np.hstack([sw * x / np.sqrt(d), np.full((len(x), 1), sb)]) for x in (x1, x2))
+    k0 = a1 @ a2.T
+    n1, n2 = np.linalg.norm(a1, axis=1), np.linalg.norm(a2, axis=1)
+    norm = np.outer(n1, n2)
+    # the angle from unit vectors, 2 atan2(|u - v|, |u + v|): arccos(k0 / norm) would turn a
+    # rounding of 1e-16 in a ratio near 1 into an angle of 1e-8, differently for another
+    # blocking of the same matmul; this form is exact (0) for an input against itself
+    u1, u2 = a1 / n1[:, None], a2 / n2[:, None]
+    theta = 2 * np.arctan2(np.linalg.norm(u1[:, None] - u2[None], axis=-1),
+                           np.linalg.norm(u1[:, None] + u2[None], axis=-1))
     e_phi = norm * (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / (2 * np.pi)
     e_dphi = (np.pi - theta) / (2 * np.pi)
     nngp = sw**2 * e_phi + sb**2

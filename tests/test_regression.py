@@ -1,5 +1,5 @@
 """Kernel-regression studies (``kind: kernel_regression``): the study file, the rotated-digits
-source, the THEORY section 6 identity on predictions, and small studies end to end (rotated
+source, the docs/theory.md §6 identity on predictions, and small studies end to end (rotated
 digits in local Ray mode, with kernel reuse on rerun; a PathMNIST-shaped stand-in .npz)."""
 
 import json
@@ -92,7 +92,7 @@ def test_rotated_digits_are_digits_turned_by_group_elements():
     assert np.array_equal(wide[20:80], x)
 
 
-# ----- THEORY section 6 on the regression predictions -----------------------------------
+# ----- docs/theory.md §6 on the regression predictions -----------------------------------
 def test_augmented_cnn_and_canonical_gcnn_predict_the_same():
     """The orbit-averaged CNN kernel equals the canonical C4 GCNN kernel (identity and full
     support), so NTK and NNGP regression predict the same at every size and time. Tolerance

@@ -108,7 +108,7 @@ def test_report_before_any_unit_finished(tmp_path, synthetic_study, closed_form_
     """A results directory whose units are all pending still gets a page that says so."""
     import textwrap
 
-    from eqntk.cli import resolved_study
+    from eqntk.kinds.ensemble import resolved_study
     from study.config import parse_study
     from study.data import build_data
     TINY = synthetic_study.text

@@ -19,11 +19,6 @@ from study.groups import Group
 from study.sphere import dh_grid, isht, random_rotations, rotate_coeffs, sht
 
 
-def orbit(group: Group, x: torch.Tensor) -> torch.Tensor:
-    """``group.orbit(x)``: ``[N, *shape] -> [N, |G|, *shape]`` with ``[:, g] = L_g x``."""
-    return group.orbit(x)
-
-
 @dataclass
 class Batch:
     """One full training batch: ``x`` is ``[B, *shape]`` (shared) or ``[M, B, *shape]`` (per member)."""

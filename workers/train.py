@@ -24,7 +24,7 @@ import torch
 
 from study.groups import Group
 
-from .augment import Augmentation, orbit
+from .augment import Augmentation
 from .ensemble import Ensemble
 
 
@@ -43,7 +43,7 @@ class OrbitInputs:
 
 def orbit_inputs(group: Group, x: torch.Tensor) -> OrbitInputs:
     n = x.shape[0]
-    return OrbitInputs(orbit(group, x).reshape(n * group.order, *x.shape[1:]), n, group.order)
+    return OrbitInputs(group.orbit_rows(x), n, group.order)
 
 
 @dataclass
