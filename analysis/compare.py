@@ -79,20 +79,22 @@ def add_theory(stats: pd.DataFrame, theories: dict[tuple[str, float], Theory]) -
     with np.errstate(divide="ignore", invalid="ignore"):
         diff = out["mean"].to_numpy() - mu
         out["z"] = diff / out["se"].to_numpy()
-        out["z_theory"] = diff / np.sqrt(vt / out["members"].to_numpy())
+        # the analytic variance is that of independent members; antithetic pairs have none
+        independent = (out["draws"] == out["members"]).to_numpy()
+        out["z_theory"] = np.where(independent, diff / np.sqrt(vt / out["members"].to_numpy()), np.nan)
     return out
 
 
-def t_null(members) -> tuple[np.ndarray, np.ndarray]:
-    """Median of |t| and P(|t| < 2) for Student's t with ``members - 1`` degrees of freedom."""
-    dof = np.maximum(np.asarray(members, dtype=np.float64) - 1, 1)
+def t_null(draws) -> tuple[np.ndarray, np.ndarray]:
+    """Median of |t| and P(|t| < 2) for Student's t with ``draws - 1`` degrees of freedom."""
+    dof = np.maximum(np.asarray(draws, dtype=np.float64) - 1, 1)
     return sps.t.ppf(0.75, dof), 2 * sps.t.cdf(2.0, dof) - 1
 
 
-def t_null_pooled(members) -> tuple[float, float]:
+def t_null_pooled(draws) -> tuple[float, float]:
     """Median of |z| and P(|z| < 2) for a pool of points whose ensembles have different sizes:
-    the mixture of Student t laws with each point's ``members - 1`` degrees of freedom."""
-    dof, counts = np.unique(np.maximum(np.asarray(members, dtype=np.float64) - 1, 1), return_counts=True)
+    the mixture of Student t laws with each point's ``draws - 1`` degrees of freedom."""
+    dof, counts = np.unique(np.maximum(np.asarray(draws, dtype=np.float64) - 1, 1), return_counts=True)
     if len(dof) == 0:
         return float("nan"), float("nan")
     w = counts / counts.sum()
@@ -123,7 +125,7 @@ def agreement(points: pd.DataFrame) -> pd.DataFrame:
     squares for pooling), variance ratio."""
     p = points[points["mu"].notna()]
     d = p["mean"] - p["mu"]
-    tmp = p[SLICE + ["members"]].assign(
+    tmp = p[SLICE + ["members", "draws"]].assign(
         err2=d**2,
         se2=p["se"] ** 2,
         mu2=p["mu"] ** 2,
@@ -139,6 +141,7 @@ def agreement(points: pd.DataFrame) -> pd.DataFrame:
     a = g.agg(
         n_points=("err2", "size"),
         members=("members", "min"),
+        draws=("draws", "min"),
         err_ss=("err2", "sum"),
         se_ss=("se2", "sum"),
         mu_ss=("mu2", "sum"),
@@ -151,7 +154,7 @@ def agreement(points: pd.DataFrame) -> pd.DataFrame:
         frac_abs_z_theory_lt2=("z_theory_lt2", "mean"),
     ).reset_index()
     a["time"] = a["lr"] * a["step"]
-    a["median_abs_z_null"], a["frac_abs_z_lt2_null"] = t_null(a["members"])
+    a["median_abs_z_null"], a["frac_abs_z_lt2_null"] = t_null(a["draws"])
     a["var_ratio"] = a["var_mean"] / a["var_theory_mean"]
     return _relative_errors(a)
 
@@ -232,9 +235,10 @@ def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
     g = points.groupby(orbit, sort=False)
     dev = points["mean"] - g["mean"].transform("mean")
     dev_mu = points["mu"] - g["mu"].transform("mean")
-    # the noise in ``dev``: members' own orbit deviations d_j vary by var_d, and dev is their
-    # mean, so its variance is var_d / M (correlations across the orbit included)
-    m = points["members"].to_numpy(np.float64)
+    # the noise in ``dev``: the draws' own orbit deviations d_j (members', or antithetic pair
+    # means') vary by var_d, and dev is their mean, so its variance is var_d / draws
+    # (correlations across the orbit included)
+    m = points["draws"].to_numpy(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         var_d = np.maximum(points["orbit_devsq"].to_numpy(np.float64) - dev.to_numpy() ** 2, 0.0) * m / (m - 1)
     tmp = points[SLICE + ["group_element"]].assign(
@@ -287,6 +291,9 @@ def model_pairs(specs: list[ModelSpec]) -> list[dict]:
       group (mlp <-> group_mlp, cnn <-> gcnn, sphere_mlp <-> so3_gcnn; any support or basis).
     - ``gcnn``: two GCNNs of the same arch and group that differ in support or basis (the
       canonical one second when only one is canonical).
+    - ``pairing``: the same model with independent members (first) and antithetic pairs
+      (second): the means must agree (both are unbiased), and ``se2_ratio`` is the variance
+      reduction of the pairs at equal member count.
 
     Both models of a pair are trained alike (same loss, optimizer and batch size).
     """
@@ -304,6 +311,11 @@ def model_pairs(specs: list[ModelSpec]) -> list[dict]:
                 if a.basis == "canonical" and b.basis != "canonical":
                     a, b = b, a
                 pairs.append(dict(a=a.name, b=b.name, kind="gcnn"))
+    for a in specs:
+        for b in specs:
+            if a.pairing == "independent" and b.pairing == "antithetic" and \
+                    a.model_copy(update={"name": b.name, "pairing": b.pairing}) == b:
+                pairs.append(dict(a=a.name, b=b.name, kind="pairing"))
     return pairs
 
 
@@ -325,13 +337,14 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
             dz = diff / np.sqrt(comb2)
         tmp = j[["width", "lr", "step", "eval_set"]].assign(
             members_a=j["members_a"], members_b=j["members_b"],
-            diff2=diff**2, comb2=comb2, mu_diff2=(j["mu_a"] - j["mu_b"]) ** 2,
+            diff2=diff**2, comb2=comb2, se_a2=j["se_a"] ** 2, se_b2=j["se_b"] ** 2, mu_diff2=(j["mu_a"] - j["mu_b"]) ** 2,
             mu_norm2=0.5 * (j["mu_a"] ** 2 + j["mu_b"] ** 2),
             abs_d=dz.abs(), d_lt3=_lt(dz, 3),
         )
         a = tmp.groupby(["width", "lr", "step", "eval_set"], sort=True).agg(
             members_a=("members_a", "min"), members_b=("members_b", "min"), n_points=("diff2", "size"),
-            diff_ss=("diff2", "sum"), comb_ss=("comb2", "sum"), mu_diff_ss=("mu_diff2", _sum_or_nan),
+            diff_ss=("diff2", "sum"), comb_ss=("comb2", "sum"), se_a_ss=("se_a2", "sum"), se_b_ss=("se_b2", "sum"),
+            mu_diff_ss=("mu_diff2", _sum_or_nan),
             mu_ss=("mu_norm2", _sum_or_nan), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
         ).reset_index()
         a.insert(0, "kind", pr["kind"])
@@ -355,6 +368,8 @@ def _gaps(a: pd.DataFrame) -> pd.DataFrame:
     a["theory_gap_se"] = _sqrt_ratio(a["mu_diff_ss"], a["comb_ss"])
     a["rel_gap"] = _sqrt_ratio(a["diff_ss"], a["mu_ss"])
     a["theory_rel_gap"] = _sqrt_ratio(a["mu_diff_ss"], a["mu_ss"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a["se2_ratio"] = a["se_a_ss"] / a["se_b_ss"]  # the first model's squared standard errors over the second's
     return a
 
 
@@ -362,7 +377,7 @@ def pooled_gaps(gaps: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Pair gaps pooled over all steps > 0 (and whatever ``by`` leaves out)."""
     s = gaps[gaps["step"] > 0].groupby(by, sort=True).agg(
         n_points=("n_points", "sum"), diff_ss=("diff_ss", "sum"), comb_ss=("comb_ss", "sum"),
-        mu_diff_ss=("mu_diff_ss", _sum_or_nan), mu_ss=("mu_ss", _sum_or_nan),
+        se_a_ss=("se_a_ss", "sum"), se_b_ss=("se_b_ss", "sum"), mu_diff_ss=("mu_diff_ss", _sum_or_nan), mu_ss=("mu_ss", _sum_or_nan),
         members_a=("members_a", "min"), members_b=("members_b", "min"),
     ).reset_index()
     return _gaps(s)

@@ -63,6 +63,11 @@ PART_SCHEMA = pa.schema(
         # the ensemble's noise in the orbit spread of its mean, correlations across the orbit
         # included (analysis.compare.orbit_spread)
         ("orbit_devsq", pa.float64()),
+        # antithetic ensembles (pairing: antithetic; NaN otherwise): the same two sums over the
+        # unit's pairs, of each pair's mean (members 2k, 2k+1) instead of each member. The
+        # pair means are independent, so they give the standard error (docs/theory.md §5).
+        ("pair_sumsq", pa.float64()),
+        ("pair_orbit_devsq", pa.float64()),
     ]
 )
 MEMBER_FIELDS = [("member", pa.int32()), ("prediction", pa.float64())]
@@ -98,7 +103,7 @@ class PartWriter:
         if m != u.members:
             raise ValueError(f"expected predictions of {u.members} members, got {m}")
         sample, elem, out = (a.reshape(-1) for a in np.meshgrid(np.arange(n), np.arange(g), np.arange(k), indexing="ij"))
-        devsq = (preds - preds.mean(axis=2, keepdims=True)) ** 2  # each member against its own orbit mean
+        devsq = _orbit_devsq(preds)  # each member against its own orbit mean
         rows = n * g * k
         if u.store_members:
             member = np.repeat(np.arange(u.member_start, u.member_stop), rows)
@@ -114,6 +119,7 @@ class PartWriter:
                 sumsq=(preds**2).sum(axis=0).reshape(-1),
                 orbit_devsq=devsq.sum(axis=0).reshape(-1),
             )
+        cols.update(_pair_sums(preds, u.model.pairing == "antithetic", u.store_members))
         const = dict(
             unit_id=u.unit_id,
             arch=u.model.arch,
@@ -153,6 +159,31 @@ class PartWriter:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _orbit_devsq(preds: np.ndarray) -> np.ndarray:
+    """``[m, n, |G|, k]``: each row's squared deviation from its own mean over the orbit axis."""
+    return (preds - preds.mean(axis=2, keepdims=True)) ** 2
+
+
+def _pair_sums(preds: np.ndarray, antithetic: bool, per_member: bool) -> dict[str, np.ndarray]:
+    """``pair_sumsq`` and ``pair_orbit_devsq`` of ``preds`` ``[m, n, |G|, k]`` (members 2j and
+    2j+1 form pair j): summed over the pairs, or with ``per_member`` one row per member holding
+    its pair's value on the pair's first member and 0 on the second, so sums stay exact.
+    NaN for independent members."""
+    m = preds.shape[0]
+    if not antithetic:
+        return {c: np.full(preds[0].size * (m if per_member else 1), np.nan) for c in ("pair_sumsq", "pair_orbit_devsq")}
+    pairs = preds.reshape(m // 2, 2, *preds.shape[1:]).mean(axis=1)
+    out = {}
+    for name, per_pair in (("pair_sumsq", pairs**2), ("pair_orbit_devsq", _orbit_devsq(pairs))):
+        if per_member:
+            rows = np.zeros_like(preds)
+            rows[0::2] = per_pair
+            out[name] = rows.reshape(-1)
+        else:
+            out[name] = per_pair.sum(axis=0).reshape(-1)
+    return out
 
 
 class ResultStore:

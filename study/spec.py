@@ -22,6 +22,7 @@ Basis = Literal["canonical", "escnn"]
 Augmentation = Literal["none", "full_orbit", "random"]
 Loss = Literal["mse", "cross_entropy"]
 Optimizer = Literal["gd", "sgd"]
+Pairing = Literal["independent", "antithetic"]
 KernelMode = Literal["grid", "relative"]
 SO3_ARCHS = ("so3_gcnn", "sphere_mlp")
 # Equivariant by construction (so augmentation is refused); GROUP_ARCHS of them are built
@@ -32,7 +33,7 @@ GROUP_ARCHS = ("gcnn", "group_mlp")
 # Training fields and their defaults. At their defaults they are left out of the spec's dump
 # (``ModelSpec._dump``), so unit ids, resolved studies and cache keys of studies written
 # before these fields existed stay the same.
-TRAINING_DEFAULTS = {"loss": "mse", "optimizer": "gd", "batch_size": None}
+TRAINING_DEFAULTS = {"loss": "mse", "optimizer": "gd", "batch_size": None, "pairing": "independent"}
 # SO(3) fields (docs/models.md, "so3_gcnn" and "sphere_mlp"): unset (None) for every other
 # model and then left out of the dump too, for the same reason.
 SO3_DEFAULTS = {"bands": None, "so3_grid": None, "kernel_mode": None, "rotations": None}
@@ -75,6 +76,12 @@ class ModelSpec(BaseModel):
     loss: Loss = "mse"
     optimizer: Optimizer = "gd"
     batch_size: Optional[int] = Field(None, ge=1, validate_default=True)
+    # How the ensemble's members are drawn: independently, or in antithetic pairs that share
+    # every parameter but the readout, which the second member takes negated (and share their
+    # augmentation and minibatch draws). Each member keeps its law, so the ensemble mean is
+    # unbiased; a pair's initial functions cancel, leaving the finite-width spread alone
+    # (docs/theory.md §5).
+    pairing: Pairing = "independent"
     # SO(3) (group: SO3; docs/models.md): band limit per hidden layer of so3_gcnn (lifting,
     # then each group convolution), the SOFT grid bandwidth B of its nonlinearities, the
     # kernel mode of its analytic kernel (grid, the default, or relative), and for every

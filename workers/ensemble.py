@@ -30,10 +30,25 @@ CPU_BLOCK_BYTES = 256 * 2**20
 
 
 def member_seeds(
-    study_seed: int, model_name: str, width: int, start: int, stop: int, purpose: str = "init"
+    study_seed: int, model_name: str, width: int, start: int, stop: int, purpose: str = "init",
+    antithetic: bool = False,
 ) -> list[int]:
-    """Seeds of members ``start .. stop-1`` of the (model, width) ensemble."""
-    return [member_seed(study_seed, model_name, width, j, purpose) for j in range(start, stop)]
+    """Seeds of members ``start .. stop-1`` of the (model, width) ensemble.
+
+    ``antithetic``: members ``2k`` and ``2k + 1`` form a pair and both take member ``2k``'s
+    seed (the second member's readout is negated after initialisation, ``Ensemble.from_seeds``),
+    so a pair shares its hidden layers and, for augmentation and minibatch seeds, its draws.
+    """
+    if antithetic and (start % 2 or stop % 2):
+        raise ValueError(f"antithetic pairs: members {start}..{stop - 1} split a pair; units must hold whole pairs")
+    return [member_seed(study_seed, model_name, width, j - (j % 2 if antithetic else 0), purpose)
+            for j in range(start, stop)]
+
+
+def readout_names(module: nn.Module) -> list[str]:
+    """Names of the parameters of ``module.readout``, the layer every model ends with."""
+    prefix = next(name for name, m in module.named_modules() if m is module.readout)
+    return [name for name, _ in module.named_parameters() if name.startswith(prefix + ".")]
 
 
 class Ensemble:
@@ -60,8 +75,14 @@ class Ensemble:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         memory_budget: int | None = None,
+        antithetic: bool = False,
     ) -> "Ensemble":
         """Member ``j`` is ``module`` after ``init(module, seeds[j])``.
+
+        ``antithetic``: members ``2k + 1`` (given the same seed as ``2k``, ``member_seeds``)
+        take the readout layer's parameters with the opposite sign, so each pair's initial
+        functions cancel exactly while every member keeps the N(0, 1) law of its parameters
+        (docs/theory.md §5).
 
         Initialisation runs where ``build_model`` put the module (the CPU), so members are
         the same numbers on every device. The one module is re-initialised per member and
@@ -79,7 +100,13 @@ class Ensemble:
                 reference_buffers = buffers
             elif any(not torch.equal(b, reference_buffers[n]) for n, b in buffers.items()):
                 raise ValueError("init changed a buffer between members; the ensemble shares buffers")
-        params = {n: torch.stack([snap[n] for snap in snapshots]).to(device) for n in snapshots[0]}
+        params = {n: torch.stack([snap[n] for snap in snapshots]) for n in snapshots[0]}
+        if antithetic:
+            if len(seeds) % 2 or list(seeds[0::2]) != list(seeds[1::2]):
+                raise ValueError("antithetic: members come in pairs (2k, 2k + 1) that share one seed")
+            for name in readout_names(module):
+                params[name][1::2] *= -1
+        params = {n: p.to(device) for n, p in params.items()}
         return cls(module.to(device), params, memory_budget)
 
     @property

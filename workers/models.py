@@ -58,6 +58,11 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    @property
+    def readout(self) -> nn.Module:
+        """The last layer, linear in the features (negated in an antithetic pair's second member)."""
+        return self.layers[-1]
+
 
 def init_parameters(module: nn.Module, seed: int) -> nn.Module:
     """Draw every parameter of ``module`` from N(0, 1), in ``named_parameters`` order.

@@ -85,20 +85,21 @@ def run_unit(unit, data, writer: Writer) -> UnitOutcome:
     spec, group = unit.model, unit.model.group_obj
     with reproducible():
         module = build_model(spec, unit.width, tuple(data.input_shape), data.n_out)
-        seeds = member_seeds(unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop)
-        ensemble = Ensemble.from_seeds(module, seeds, init_parameters, device, dtype)
+        antithetic = spec.pairing == "antithetic"
+
+        def seeds(purpose):
+            return member_seeds(unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop,
+                                purpose, antithetic=antithetic)
+
+        ensemble = Ensemble.from_seeds(module, seeds("init"), init_parameters, device, dtype, antithetic=antithetic)
 
         def tensor(a):  # a copy: the study's arrays may be read-only (memory-mapped or from Ray's store)
             return torch.tensor(a, dtype=dtype, device=device)
 
         x, y = tensor(data.train_x), tensor(data.train_y)
-        augment_seeds = member_seeds(
-            unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop, purpose="augment"
-        )
-        augmentation = make_augmentation(spec.augmentation, group, x, y, augment_seeds)
+        augmentation = make_augmentation(spec.augmentation, group, x, y, seeds("augment"))
         if spec.optimizer == "sgd":
-            sgd_seeds = member_seeds(unit.study_seed, spec.name, unit.width, unit.member_start, unit.member_stop, "sgd")
-            augmentation = Minibatches(augmentation, spec.batch_size, sgd_seeds)
+            augmentation = Minibatches(augmentation, spec.batch_size, seeds("sgd"))
         eval_sets = {TRAIN_SET: orbit_inputs(group, x)}
         eval_sets.update({name: orbit_inputs(group, tensor(v)) for name, v in data.eval_sets.items()})
         result = train_gd(ensemble, augmentation, unit.lr, unit.steps, list(unit.log_steps), eval_sets, writer,
