@@ -189,10 +189,10 @@ def z_scores(s: Summary, path: Path) -> Optional[str]:
     with figure(path, len(fams), panel=(4, 3.2), titles=[f"{fam}: z at the largest width" for fam in fams]) as (fig, axes):
         for ax, fam in zip(axes.flat, fams):
             z = p.loc[p["arch"] == fam, "z"].clip(-8, 8)
-            members = int(p.loc[p["arch"] == fam, "members"].min())
+            draws = int(p.loc[p["arch"] == fam, "draws"].min())
             ax.hist(z, bins=np.linspace(-8, 8, 65), density=True, alpha=0.6, label=f"z ({len(z)} points)")
             grid = np.linspace(-8, 8, 400)
-            ax.plot(grid, sps.t.pdf(grid, max(members - 1, 1)), "k-", lw=1, label=f"Student t, {members - 1} dof")
+            ax.plot(grid, sps.t.pdf(grid, max(draws - 1, 1)), "k-", lw=1, label=f"Student t, {draws - 1} dof")
             ax.set_xlabel("(mean - mu) / SE   (clipped to ±8)")
             ax.legend()
     return ("Distribution of z = (ensemble mean - analytic mean) / ensemble SE at each model's largest width, all points "

@@ -91,7 +91,7 @@ def summary_table(s: Summary) -> pd.DataFrame:
         spec = s.models.loc[model]
         p = s.top_points[(s.top_points["model"] == model) & (s.top_points["lr"] == lr)]
         members = int(p["members"].min()) if len(p) else 0
-        null_med, null_frac = compare.t_null_pooled(p["members"])
+        null_med, null_frac = compare.t_null_pooled(p["draws"])
         e = s.errors[(s.errors["model"] == model) & (s.errors["lr"] == lr)].sort_values("width")
         et = e[e["width"] == width]
         sp = s.spread[(s.spread["model"] == model) & (s.spread["lr"] == lr) & (s.spread["width"] == width)]

@@ -40,7 +40,7 @@ def agreement(s: Summary) -> str:
         if not len(p):
             continue
         members = sorted(p["members"].unique())
-        null_med, null_frac = compare.t_null_pooled(p["members"])
+        null_med, null_frac = compare.t_null_pooled(p["draws"])
         med, frac = p["z"].abs().median(), (p["z"].abs() < 2).mean()
         ok = med <= Z_AGREE_FACTOR * null_med
         widths = sorted({s.largest[k] for k in s.largest if s.arch(k[0]) == fam})

@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from .groups import SO3_NAME, Group, group_name
-from .spec import ModelSpec, check_model_input
+from .spec import ModelSpec, Pairing, check_model_input
 
 
 class StudyError(ValueError):
@@ -356,10 +356,11 @@ class StudyBase(_Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # Left out unset, so the resolved study (study.json) of studies without SO3 is unchanged.
+        # Left out unset, so the resolved study (study.json) of studies that do not use them is unchanged.
         out = handler(self)
-        if out.get("rotations", 0) is None:
-            del out["rotations"]
+        for k in ("rotations", "pairing"):
+            if k in out and out[k] is None:
+                del out[k]
         return out
 
     @model_validator(mode="before")
@@ -432,7 +433,8 @@ class StudyBase(_Strict):
             m.pop("widths", None)
             m.pop("lr", None)
             m.pop("ensemble_size", None)
-            m.setdefault("group", self.group)
+            for k, v in self._model_defaults().items():
+                m.setdefault(k, v)
             if self.rotations is not None and _is_so3(m["group"]):
                 m.setdefault("rotations", self.rotations)
             try:
@@ -440,6 +442,10 @@ class StudyBase(_Strict):
             except ValidationError as e:
                 raise ValueError(_first_error(e, prefix=f"models.{i}")) from None
         return out
+
+    def _model_defaults(self) -> dict:
+        """Study-level values of model fields, for the models that do not set them."""
+        return {"group": self.group}
 
     def check_inputs(self, input_shape: tuple, origin: str, n_train: Optional[int] = None) -> None:
         """Raise StudyError when a model cannot take inputs of ``input_shape`` (no batch axis),
@@ -471,6 +477,8 @@ class EnsembleStudy(StudyBase):
     lr: Union[float, list[float]]
     steps: int = Field(ge=1)
     log_steps: Union[list[int], LogSpaced]
+    # Every model's ``pairing`` unless it sets its own (study.spec: independent | antithetic).
+    pairing: Optional[Pairing] = None
 
     @field_validator("widths")
     @classmethod
@@ -507,6 +515,26 @@ class EnsembleStudy(StudyBase):
             if bad:
                 raise ValueError(
                     f"log_steps {bad} lie outside the run (0..{self.steps}); drop them or raise steps"
+                )
+
+    def _model_defaults(self) -> dict:
+        return {**super()._model_defaults(), **({"pairing": self.pairing} if self.pairing else {})}
+
+    def _check_specs(self, specs: list[ModelSpec]) -> None:
+        # antithetic pairs are members (2k, 2k + 1): whole pairs in the ensemble and in every unit
+        for i, spec in enumerate(specs):
+            if spec.pairing != "antithetic":
+                continue
+            size = self.ensemble_size_of(spec.name)
+            if size % 2:
+                raise ValueError(
+                    f"models.{i}.ensemble_size: {size} members of {spec.name} do not form antithetic pairs; "
+                    f"use an even size such as {size + 1}"
+                )
+            if self.unit_size < size and self.unit_size % 2:
+                raise ValueError(
+                    f"members_per_unit: {self.unit_size} would split antithetic pairs of {spec.name} between units; "
+                    f"use an even number such as {self.unit_size + 1}"
                 )
 
     def _check_data(self, specs: list[ModelSpec]) -> None:
@@ -580,7 +608,7 @@ class RegressionStudy(StudyBase):
 
     def _check_specs(self, specs: list[ModelSpec]) -> None:
         for i in range(len(specs)):
-            for f in ("loss", "optimizer", "batch_size"):
+            for f in ("loss", "optimizer", "batch_size", "pairing"):
                 if f in self.models[i]:
                     raise ValueError(
                         f"models.{i}.{f}: kernel_regression studies fit kernels, they train no network; remove {f}"

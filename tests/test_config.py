@@ -56,6 +56,13 @@ NPZ_STUDY = replace(GOOD, "train: {source: digits, n: 8}", "train: {source: npz,
 
 # (case id, study text, extra files, words the message must contain)
 CASES = [
+    ("antithetic pairs of an odd ensemble", replace(GOOD, "ensemble_size: 4", "ensemble_size: 5\npairing: antithetic"), {},
+     ["ensemble_size", "antithetic pairs", "even"]),
+    ("antithetic pairs split between units",
+     replace(GOOD, "ensemble_size: 4", "ensemble_size: 4\nmembers_per_unit: 3\npairing: antithetic"), {},
+     ["members_per_unit", "split antithetic pairs", "even"]),
+    ("unknown pairing", replace(GOOD, "{name: mlp, arch: mlp, depth: 1}", "{name: mlp, arch: mlp, depth: 1, pairing: paired}"),
+     {}, ["pairing", "antithetic"]),
     ("unknown group", replace(GOOD, "group: C4", "group: Q4"), {}, ["group", "C<n> or D<n>"]),
     ("group order below 1", replace(GOOD, "group: C4", "group: C0"), {}, ["group", "at least 1"]),
     ("zero width", replace(GOOD, "widths: [8, 16]", "widths: [0, 16]"), {}, ["widths", "positive"]),
