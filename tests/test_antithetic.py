@@ -124,33 +124,23 @@ def test_independent_parts_keep_the_member_statistics(tmp_path):
     np.testing.assert_allclose(stats["se"], np.sqrt(preds.var(0, ddof=1) / 4).reshape(-1), rtol=1e-10)
 
 
-STUDY = """
-name: pairing
-seed: 3
-data:
-  train: {source: digits, n: 12}
-  eval:
-    - {name: noise, data: {source: gaussian, n: 6}}
-group: C4
-models:
-  - {name: mlp, arch: mlp, depth: 1, augmentation: random, nonlinearity: erf, sigma_w: 3.0}
-  - {name: mlp_pairs, arch: mlp, depth: 1, augmentation: random, nonlinearity: erf, sigma_w: 3.0,
-     pairing: antithetic}
-widths: [256]
-ensemble_size: 32
-members_per_unit: 16
-lr: 0.5
-steps: 30
-log_steps: [0, 10, 30]
-"""
+# two ensembles of one model, independent and antithetic; random augmentation, so pairs also share draws
+PAIRING_FIELDS = dict(
+    name="pairing",
+    data={"train": {"source": "digits", "n": 12}, "eval": [{"name": "noise", "data": {"source": "gaussian", "n": 6}}]},
+    models=[dict(name="mlp", arch="mlp", depth=1, augmentation="random", nonlinearity="erf", sigma_w=3.0),
+            dict(name="mlp_pairs", arch="mlp", depth=1, augmentation="random", nonlinearity="erf", sigma_w=3.0,
+                 pairing="antithetic")],
+    widths=[256], ensemble_size=32, members_per_unit=16, lr=0.5, steps=30, log_steps=[0, 10, 30],
+)
 
 
-def test_antithetic_and_independent_ensembles_agree_in_mean(tmp_path):
+def test_antithetic_and_independent_ensembles_agree_in_mean(tmp_path, tiny_study):
     """Both ensembles estimate the same expected prediction, so over the logged points (two
     steps x (12 + 6) samples x 4 rotations x 10 outputs) their gap in combined SE has RMS near 1
     (no bias from pairing); and the pairs' squared standard error is several times smaller at
     width 256 (measured 78x; 3x is far outside the noise of a ratio of sums over 1440 points)."""
-    (tmp_path / "s.yaml").write_text(STUDY)
+    (tmp_path / "s.yaml").write_text(tiny_study(**PAIRING_FIELDS))
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "s.yaml"), "--out", str(out), "--no-progress"]) == 0
     pairs = pd.read_parquet(out / "analysis" / "pairs.parquet")
