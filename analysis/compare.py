@@ -16,15 +16,29 @@ orbit points x outputs of the slice; RMS is over points):
   of ``rel_err`` that the finite ensemble alone explains, and
   ``rel_bias = sqrt(max(RMS(mean - mu)^2 - RMS(se)^2, 0)) / scale`` estimates what is left
   (``E (mean - mu)^2 = bias^2 + se^2``).
+- Bias with the noise removed (docs/theory.md §5.4): over the points of a slice (or of any
+  pool of slices), ``E = sum (mean - mu)^2`` and ``S = sum se^2``; ``bias2 = E - S`` estimates
+  ``B^2 = sum (E mean - mu)^2``, and ``bias2_lo``, ``bias2_hi`` bound it with 95% confidence
+  whatever the correlation between points (``excess_interval``); ``rel_bias_lo``, ``rel_bias_hi``
+  are their square roots over the scale.
+- Exponent of the bias in width (``exponent_bias`` with ``exponent_bias_lo``/``_hi``): weighted
+  least squares of ``log sqrt(bias2)`` against ``log width`` over the widths whose bias is
+  resolved (``bias2_lo > 0``), each weighted by the width of its interval (``fit_exponent``).
 - Convergence in width: least-squares slope of ``log rel_err`` (and ``log rel_bias``)
   against ``log width``, per step and for the error pooled over all steps > 0.
 - Pair gaps: ``d = (mean_A - mean_B) / sqrt(se_A^2 + se_B^2)`` per point, pooled as
   ``gap_se = RMS(mean_A - mean_B) / RMS(sqrt(se_A^2 + se_B^2))``; ``theory_gap_se`` is the
   analytic gap ``mu_A - mu_B`` in the same units (what the ensembles would show if each were
-  exactly its infinite-width limit).
+  exactly its infinite-width limit). ``rel_gap = RMS(mean_A - mean_B) / RMS(mu)`` (``RMS(mu)`` of
+  both models' analytic means) includes the noise; ``rel_gap_est`` removes it as for the bias
+  (``diff_ss - comb_ss``) and ``rel_gap_lo``, ``rel_gap_hi`` are its 95% interval.
+- Pair kinds: see ``model_pairs``; after the gaps are known, a pair of two different models
+  whose analytic means differ by more than ``CONTROL_REL_GAP`` (pooled ``theory_rel_gap``) is
+  a ``control``: a difference the study must resolve before an "equal" can mean anything.
 - Orbit spread of the ensemble mean: ``RMS_g(mean(L_g x) - orbit average) / RMS(mean)``;
   ``spread_noise`` is the spread independent errors of size ``se`` would give,
-  ``sqrt((1 - 1/|G|) RMS(se)^2) / RMS(mean)``.
+  ``sqrt((1 - 1/|G|) RMS(se)^2) / RMS(mean)``. Its systematic part ``spread_sys`` removes that
+  noise as for the bias, with the 95% interval ``spread_sys_lo``, ``spread_sys_hi``.
 
 Slices without an analytic prediction (a model trained by SGD or on the cross-entropy, which
 has no analytic counterpart, or one whose theory failed) keep NaN ``mu``, ``z`` and analytic
@@ -49,6 +63,11 @@ from .empirical import POINT_KEYS
 from .theory import Theory
 
 SLICE = ["model", "width", "lr", "step", "eval_set"]
+# Two-sided 95% normal quantile, used by every interval of the tables.
+Z95 = float(sps.norm.ppf(0.975))
+# Analytic means further apart than this (relative, pooled over steps > 0) make a pair a
+# positive control: escnn's basis against the canonical GCNN is about 0.145.
+CONTROL_REL_GAP = 0.05
 
 
 # ----- points ----------------------------------------------------------------------------
@@ -119,6 +138,59 @@ def _sqrt_ratio(num, den) -> np.ndarray:
         return np.where(den > 0, np.sqrt(num / den), np.nan)
 
 
+# ----- a sum of squared errors with the noise removed (docs/theory.md §5.4) ----------------
+def excess_interval(err_ss, se_ss, se_ss_var, z: float = Z95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(est, lo, hi)``: ``est = E - S`` estimates ``B^2``, the squared norm of the systematic
+    part of the errors whose squares sum to ``E = err_ss`` (``S = se_ss``: the summed squared
+    standard errors; ``se_ss_var``: a bound on the variance of ``S`` as estimated).
+
+    Correlations between points are unknown (one ensemble's members make all its points), so
+    the noise variance of ``E`` is bounded by its all-correlated value ``2 S^2 + 4 B^2 S``; the
+    interval is every ``B^2 >= 0`` with ``|E - S - B^2| <= z sqrt(2 S^2 + se_ss_var + 4 B^2 S)``,
+    the roots of a quadratic. An error below the noise level counts as no excess (``E - S`` is
+    clipped at 0 before solving), which keeps the upper bound at least the detectable size."""
+    e, s_, v = (np.asarray(x, dtype=np.float64) for x in (err_ss, se_ss, se_ss_var))
+    est = e - s_
+    d = np.maximum(est, 0.0)
+    q = 2 * s_**2 + v
+    mid = d + 2 * z**2 * s_
+    root = np.sqrt(np.maximum(mid**2 - d**2 + z**2 * q, 0.0))
+    lo = np.where(d**2 > z**2 * q, mid - root, 0.0)
+    return est, lo, mid + root
+
+
+def se_ss_var(se_ss, draws) -> np.ndarray:
+    """Bound on the variance of a sum of squared standard errors: each ``se^2`` rests on
+    ``draws - 1`` degrees of freedom (variance ``2 se^4 / (draws - 1)`` for Gaussian draws), and
+    the terms are at worst perfectly correlated, so the standard deviations add."""
+    s_, d = np.asarray(se_ss, dtype=np.float64), np.asarray(draws, dtype=np.float64)
+    return 2 * s_**2 / np.maximum(d - 1, 1)
+
+
+def fit_exponent(widths, est, lo, hi, z: float = Z95) -> tuple[float, float, float]:
+    """``(exponent, lo, hi)`` of ``sqrt(B^2)`` against width with its 95% interval.
+
+    Weighted least squares of ``y = log sqrt(est)`` on ``log width`` over the widths whose
+    ``B^2`` is resolved (``lo > 0``); each ``y`` has standard deviation ``(log hi - log lo) / (4 z)``
+    (its interval on the log scale). With more than two widths the interval widens by the
+    residual scatter when that exceeds the stated errors. NaN with fewer than two widths."""
+    w, e, l, h = (np.asarray(x, dtype=np.float64) for x in (widths, est, lo, hi))
+    ok = np.isfinite(e) & (e > 0) & np.isfinite(l) & (l > 0) & np.isfinite(h)
+    if ok.sum() < 2 or len(np.unique(w[ok])) < 2:
+        return float("nan"), float("nan"), float("nan")
+    x, y = np.log(w[ok]), 0.5 * np.log(e[ok])
+    sd = np.maximum((np.log(h[ok]) - np.log(l[ok])) / (4 * z), 1e-12)
+    wt = 1 / sd**2
+    xm = np.sum(wt * x) / wt.sum()
+    sxx = np.sum(wt * (x - xm) ** 2)
+    slope = float(np.sum(wt * (x - xm) * y) / sxx)
+    se = np.sqrt(1 / sxx)
+    if ok.sum() > 2:
+        resid = y - (np.sum(wt * y) / wt.sum() + slope * (x - xm))
+        se *= np.sqrt(max(1.0, float(np.sum(wt * resid**2)) / (ok.sum() - 2)))
+    return slope, float(slope - z * se), float(slope + z * se)
+
+
 # ----- agreement with theory -------------------------------------------------------------
 def agreement(points: pd.DataFrame) -> pd.DataFrame:
     """One row per slice with an analytic prediction: z-score summaries, errors (with sums of
@@ -174,15 +246,26 @@ def _relative_errors(a: pd.DataFrame) -> pd.DataFrame:
     a["rel_err"] = _sqrt_ratio(a["err_ss"], scale_ss)
     a["rel_noise"] = _sqrt_ratio(a["se_ss"], scale_ss)
     a["rel_bias"] = _sqrt_ratio(np.maximum(a["err_ss"] - a["se_ss"], 0.0), scale_ss)
+    a["bias2"], a["bias2_lo"], a["bias2_hi"] = excess_interval(a["err_ss"], a["se_ss"], se_ss_var(a["se_ss"], a["draws"]))
+    a["rel_bias_lo"] = _sqrt_ratio(a["bias2_lo"], scale_ss)
+    a["rel_bias_hi"] = _sqrt_ratio(a["bias2_hi"], scale_ss)
     return a
 
 
-def pooled_errors(agr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Relative errors pooled over all steps > 0 (and whatever ``by`` leaves out)."""
-    a = agr[agr["step"] > 0]
+def with_draws(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``draws`` column (tables written before antithetic pairs have only ``members``)."""
+    return frame if "draws" in frame else frame.assign(draws=frame["members"])
+
+
+def pooled_errors(agr: pd.DataFrame, by: list[str], steps: str = "after_init") -> pd.DataFrame:
+    """Relative errors pooled over all steps > 0 (and whatever ``by`` leaves out); with
+    ``steps="all"`` over the rows as given (``by`` may then hold ``step``)."""
+    a = with_draws(agr)
+    a = a[a["step"] > 0] if steps == "after_init" else a
     s = a.groupby(by, sort=True).agg(
         n_points=("n_points", "sum"),
         members=("members", "min"),
+        draws=("draws", "min"),
         err_ss=("err_ss", "sum"),
         se_ss=("se_ss", "sum"),
         mu_ss=("mu_ss", "sum"),
@@ -205,7 +288,8 @@ def fit_slope(widths, values) -> float:
 def convergence(agr: pd.DataFrame) -> pd.DataFrame:
     """Slopes of the relative error against width per (model, lr, eval set) and step;
     rows with ``step`` missing pool all steps > 0."""
-    per_step = agr[["model", "lr", "eval_set", "step", "width", "rel_err", "rel_bias", "rel_noise"]]
+    cols = ["model", "lr", "eval_set", "step", "width", "rel_err", "rel_bias", "rel_noise", "bias2", "bias2_lo", "bias2_hi"]
+    per_step = agr[cols]
     pooled = pooled_errors(agr, ["model", "lr", "eval_set", "width"]).assign(step=pd.NA)
     rows = []
     for frame in (per_step, pooled[per_step.columns]):
@@ -220,9 +304,11 @@ def convergence(agr: pd.DataFrame) -> pd.DataFrame:
                 rel_err_smallest=g["rel_err"].iloc[0],
                 rel_err_largest=g["rel_err"].iloc[-1],
                 rel_noise_largest=g["rel_noise"].iloc[-1],
+                **dict(zip(["exponent_bias", "exponent_bias_lo", "exponent_bias_hi"],
+                           fit_exponent(g["width"], g["bias2"], g["bias2_lo"], g["bias2_hi"]))),
             ))
     cols = ["model", "lr", "eval_set", "step", "widths", "n_widths", "slope_err", "slope_bias", "rel_err_smallest",
-            "rel_err_largest", "rel_noise_largest"]
+            "rel_err_largest", "rel_noise_largest", "exponent_bias", "exponent_bias_lo", "exponent_bias_hi"]
     out = pd.DataFrame(rows, columns=cols)
     out["step"] = out["step"].astype("Int64")
     return out
@@ -242,11 +328,12 @@ def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         var_d = np.maximum(points["orbit_devsq"].to_numpy(np.float64) - dev.to_numpy() ** 2, 0.0) * m / (m - 1)
     tmp = points[SLICE + ["group_element"]].assign(
-        dev2=dev**2, m2=points["mean"] ** 2, se2=points["se"] ** 2, dev_mu2=dev_mu**2, mu2=points["mu"] ** 2,
+        draws=points["draws"], dev2=dev**2, m2=points["mean"] ** 2, se2=points["se"] ** 2, dev_mu2=dev_mu**2, mu2=points["mu"] ** 2,
         dev_se2=var_d / m,
     )
     a = tmp.groupby(SLICE, sort=True).agg(
         order=("group_element", "nunique"),
+        draws=("draws", "min"),
         n_points=("dev2", "size"),
         dev_ss=("dev2", "sum"),
         mean_ss=("m2", "sum"),
@@ -266,12 +353,20 @@ def _spreads(a: pd.DataFrame) -> pd.DataFrame:
     noise_ss = a["dev_se_ss"].where(np.isfinite(a["dev_se_ss"]), (1 - 1 / a["order"]) * a["se_ss"])
     a["spread_noise"] = _sqrt_ratio(noise_ss, a["mean_ss"])
     a["theory_spread"] = _sqrt_ratio(a["dev_mu_ss"], a["mu_ss"])
+    draws = a["draws"] if "draws" in a else pd.Series(np.nan, index=a.index)
+    est, lo, hi = excess_interval(a["dev_ss"], noise_ss, se_ss_var(noise_ss, draws.fillna(2)))
+    a["spread_sys"] = _sqrt_ratio(np.maximum(est, 0.0), a["mean_ss"])
+    a["spread_sys_lo"] = _sqrt_ratio(lo, a["mean_ss"])
+    a["spread_sys_hi"] = _sqrt_ratio(hi, a["mean_ss"])
     return a
 
 
 def pooled_spread(spr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    s = spr[spr["step"] > 0].groupby(by, sort=True).agg(
+    s = spr[spr["step"] > 0]
+    s = s if "draws" in s else s.assign(draws=np.nan)
+    s = s.groupby(by, sort=True).agg(
         order=("order", "max"),
+        draws=("draws", "min"),
         n_points=("n_points", "sum"),
         dev_ss=("dev_ss", "sum"),
         mean_ss=("mean_ss", "sum"),
@@ -294,36 +389,57 @@ def model_pairs(specs: list[ModelSpec]) -> list[dict]:
     - ``pairing``: the same model with independent members (first) and antithetic pairs
       (second): the means must agree (both are unbiased), and ``se2_ratio`` is the variance
       reduction of the pairs at equal member count.
+    - ``control``: a model that is not augmented (mlp, cnn, sphere_mlp) and each GCNN of the
+      same group: analytic means that differ, the positive control of the theorem. Whether a
+      pair is a control is settled by its analytic means (``label_controls``).
 
     Both models of a pair are trained alike (same loss, optimizer and batch size).
     """
     pairs = []
     partner = {"mlp": "group_mlp", "cnn": "gcnn", "sphere_mlp": "so3_gcnn"}
     for a in specs:
-        if a.arch in partner and a.augmentation != "none":
+        if a.arch in partner:
             for b in specs:
                 if b.arch == partner[a.arch] and b.group == a.group and b.training == a.training:
-                    pairs.append(dict(a=a.name, b=b.name, kind="augmentation"))
+                    pairs.append(dict(a=a.name, b=b.name, kind="augmentation" if a.augmentation != "none" else "control"))
+    def same_but_pairing(a: ModelSpec, b: ModelSpec) -> bool:
+        return a.model_copy(update={"name": b.name, "pairing": b.pairing}) == b
+
     eq = [s for s in specs if s.equivariant]
     for i, a in enumerate(eq):
         for b in eq[i + 1:]:
-            if a.arch == b.arch and a.group == b.group and a.training == b.training:
-                if a.basis == "canonical" and b.basis != "canonical":
-                    a, b = b, a
-                pairs.append(dict(a=a.name, b=b.name, kind="gcnn"))
+            if a.arch == b.arch and a.group == b.group and a.training == b.training and not same_but_pairing(a, b):
+                first, second = (b, a) if a.basis == "canonical" and b.basis != "canonical" else (a, b)
+                pairs.append(dict(a=first.name, b=second.name, kind="gcnn"))
     for a in specs:
         for b in specs:
-            if a.pairing == "independent" and b.pairing == "antithetic" and \
-                    a.model_copy(update={"name": b.name, "pairing": b.pairing}) == b:
+            if a.pairing == "independent" and b.pairing == "antithetic" and same_but_pairing(a, b):
                 pairs.append(dict(a=a.name, b=b.name, kind="pairing"))
     return pairs
+
+
+def label_controls(gaps: pd.DataFrame) -> pd.DataFrame:
+    """Settle each pair's kind by its analytic means (pooled over steps > 0, widths and eval sets):
+    a pair other than ``pairing`` whose means differ by more than ``CONTROL_REL_GAP`` becomes a
+    ``control``; a non-augmented candidate whose means do not (or have no analytic prediction)
+    is dropped, as it tests nothing."""
+    if not len(gaps):
+        return gaps
+    late = gaps[gaps["step"] > 0].groupby(["a", "b"], sort=False)
+    rel = _sqrt_ratio(late["mu_diff_ss"].sum(min_count=1), late["mu_ss"].sum(min_count=1))
+    rel = pd.Series(rel, index=late["mu_ss"].sum().index)
+    pooled = pd.Series(list(zip(gaps["a"], gaps["b"]))).map(lambda k: rel.get(k, np.nan)).to_numpy()
+    differ = np.nan_to_num(pooled, nan=0.0) > CONTROL_REL_GAP
+    kind = np.where(differ & (gaps["kind"] != "pairing").to_numpy(), "control", gaps["kind"].to_numpy())
+    out = gaps.assign(kind=kind)
+    return out[~((gaps["kind"] == "control").to_numpy() & ~differ)].reset_index(drop=True)
 
 
 def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
     """Gap between the ensemble means of each pair, per (width, lr, step, eval set); widths matched."""
     keys = [k for k in POINT_KEYS if k != "model"]
-    cols = keys + ["mean", "se", "mu", "members"]
-    by_model = {m: g[cols] for m, g in points.groupby("model", sort=False)}
+    cols = keys + ["mean", "se", "mu", "members", "draws"]
+    by_model = {m: g[cols] for m, g in with_draws(points).groupby("model", sort=False)}
     frames = []
     for pr in pairs:
         if pr["a"] not in by_model or pr["b"] not in by_model:
@@ -336,13 +452,14 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
         with np.errstate(divide="ignore", invalid="ignore"):
             dz = diff / np.sqrt(comb2)
         tmp = j[["width", "lr", "step", "eval_set"]].assign(
-            members_a=j["members_a"], members_b=j["members_b"],
+            members_a=j["members_a"], members_b=j["members_b"], draws_a=j["draws_a"], draws_b=j["draws_b"],
             diff2=diff**2, comb2=comb2, se_a2=j["se_a"] ** 2, se_b2=j["se_b"] ** 2, mu_diff2=(j["mu_a"] - j["mu_b"]) ** 2,
             mu_norm2=0.5 * (j["mu_a"] ** 2 + j["mu_b"] ** 2),
             abs_d=dz.abs(), d_lt3=_lt(dz, 3),
         )
         a = tmp.groupby(["width", "lr", "step", "eval_set"], sort=True).agg(
-            members_a=("members_a", "min"), members_b=("members_b", "min"), n_points=("diff2", "size"),
+            members_a=("members_a", "min"), members_b=("members_b", "min"),
+            draws_a=("draws_a", "min"), draws_b=("draws_b", "min"), n_points=("diff2", "size"),
             diff_ss=("diff2", "sum"), comb_ss=("comb2", "sum"), se_a_ss=("se_a2", "sum"), se_b_ss=("se_b2", "sum"),
             mu_diff_ss=("mu_diff2", _sum_or_nan),
             mu_ss=("mu_norm2", _sum_or_nan), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
@@ -352,7 +469,8 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
         a.insert(0, "a", pr["a"])
         frames.append(a)
     if not frames:
-        return pd.DataFrame(columns=["a", "b", "kind", "width", "lr", "step", "eval_set", "gap_se", "theory_gap_se"])
+        return pd.DataFrame(columns=["a", "b", "kind", "width", "lr", "step", "eval_set", "gap_se", "theory_gap_se",
+                                     "rel_gap", "theory_rel_gap", "rel_gap_est", "rel_gap_lo", "rel_gap_hi"])
     out = pd.concat(frames, ignore_index=True)
     out["time"] = out["lr"] * out["step"]
     return _gaps(out)
@@ -368,6 +486,14 @@ def _gaps(a: pd.DataFrame) -> pd.DataFrame:
     a["theory_gap_se"] = _sqrt_ratio(a["mu_diff_ss"], a["comb_ss"])
     a["rel_gap"] = _sqrt_ratio(a["diff_ss"], a["mu_ss"])
     a["theory_rel_gap"] = _sqrt_ratio(a["mu_diff_ss"], a["mu_ss"])
+    # the two ensembles are independent: the variances of their summed squared SEs add
+    draws_a = a["draws_a"] if "draws_a" in a else a["members_a"]
+    draws_b = a["draws_b"] if "draws_b" in a else a["members_b"]
+    v = se_ss_var(a["se_a_ss"], draws_a) + se_ss_var(a["se_b_ss"], draws_b)
+    est, lo, hi = excess_interval(a["diff_ss"], a["comb_ss"], v)
+    a["rel_gap_est"] = _sqrt_ratio(np.maximum(est, 0.0), a["mu_ss"])
+    a["rel_gap_lo"] = _sqrt_ratio(lo, a["mu_ss"])
+    a["rel_gap_hi"] = _sqrt_ratio(hi, a["mu_ss"])
     with np.errstate(divide="ignore", invalid="ignore"):
         a["se2_ratio"] = a["se_a_ss"] / a["se_b_ss"]  # the first model's squared standard errors over the second's
     return a
@@ -375,10 +501,12 @@ def _gaps(a: pd.DataFrame) -> pd.DataFrame:
 
 def pooled_gaps(gaps: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Pair gaps pooled over all steps > 0 (and whatever ``by`` leaves out)."""
-    s = gaps[gaps["step"] > 0].groupby(by, sort=True).agg(
+    g = gaps if "draws_a" in gaps else gaps.assign(draws_a=gaps["members_a"], draws_b=gaps["members_b"])
+    s = g[g["step"] > 0].groupby(by, sort=True).agg(
         n_points=("n_points", "sum"), diff_ss=("diff_ss", "sum"), comb_ss=("comb_ss", "sum"),
         se_a_ss=("se_a_ss", "sum"), se_b_ss=("se_b_ss", "sum"), mu_diff_ss=("mu_diff_ss", _sum_or_nan), mu_ss=("mu_ss", _sum_or_nan),
         members_a=("members_a", "min"), members_b=("members_b", "min"),
+        draws_a=("draws_a", "min"), draws_b=("draws_b", "min"),
     ).reset_index()
     return _gaps(s)
 
@@ -406,7 +534,7 @@ def build_tables(stats: pd.DataFrame, theories: dict, specs: list[ModelSpec],
         agreement=agr,
         convergence=convergence(agr),
         invariance=orbit_spread(points),
-        pairs=pair_gaps(points, model_pairs(specs)),
+        pairs=label_controls(pair_gaps(points, model_pairs(specs))),
         theory=pd.DataFrame([
             dict(model=t.model, lr=t.lr, status=t.status, error=t.error or "",
                  seconds=round(t.seconds, 3), cached=t.cached, note=getattr(t, "note", ""))
