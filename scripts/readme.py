@@ -1,0 +1,561 @@
+"""README.md's numbers, tables and figures, rendered from results directories.
+
+    .venv/bin/python scripts/readme.py --builtin DIR [--so3 DIR] [--regression DIR] [--molecules DIR]
+    .venv/bin/python scripts/readme.py --check --builtin DIR ...   # exit 1 naming the stale blocks
+    .venv/bin/python scripts/readme.py --run [builtin so3 regression molecules]
+
+Each block of README.md between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``
+is rewritten from a results directory's own outputs; the text around the blocks stays as it is
+written. The same directory gives the same bytes: timings are the recorded ones, and the one
+thing read from the clock, the load average when the blocks were generated, sits on a comment
+line that ``--check`` does not compare.
+
+``--run`` runs the committed studies (``eqntk run STUDY --out TMP``) into a fresh temporary
+directory first and records beside each one, in ``readme_run.json``, what a results directory
+does not hold: wall seconds end to end, the largest process's peak memory, the report's seconds,
+the machine and its load average before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.compare import pooled_gaps
+from analysis.summary import fmt
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules")}
+RUN_RECORD = "readme_run.json"  # written by --run beside the results it measured
+IGNORED = re.compile(r"^<!-- load average.*-->\n", re.M)  # the one clock reading: not compared
+
+
+class BadInput(Exception):
+    """One line naming the field and the fix."""
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- generated: {re.escape(name)} -->\n)(.*?)(<!-- end generated: {re.escape(name)} -->)", re.S)
+
+
+# ----- numbers as the README shows them ------------------------------------------------------
+def fixed(digits: int) -> Callable:
+    """``x`` with ``digits`` decimals; very small non-zero values as one significant digit (2e-8)."""
+    def f(x) -> str:
+        if x is None or pd.isna(x):
+            return "n/a"
+        x = float(x)
+        if x != 0 and abs(x) < 10 ** -digits:
+            return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e+")
+        return f"{x:.{digits}f}"
+    return f
+
+
+def sig3(x) -> str:
+    """Three significant digits (the report's format), integers as integers."""
+    if x is None or pd.isna(x):
+        return "n/a"
+    if isinstance(x, (int, np.integer)) or (isinstance(x, float) and x.is_integer() and abs(x) < 1e6):
+        return str(int(x))
+    return fmt(x) if isinstance(x, (float, np.floating)) else str(x)
+
+
+def percent(x) -> str:
+    return "n/a" if x is None or pd.isna(x) else f"{100 * float(x):.0f}%"
+
+
+def percent2(x) -> str:
+    """Two significant digits below 10%, whole percent above."""
+    if x is None or pd.isna(x):
+        return "n/a"
+    v = 100 * float(x)
+    return f"{v:.0f}%" if abs(v) >= 10 or v == 0 else f"{v:.2g}%"
+
+
+def seconds(s) -> str:
+    s = float(s)
+    if s < 100:
+        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+    m, r = divmod(round(s), 60)
+    return f"{m} min {r} s"
+
+
+def cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def markdown_table(header: list[str], rows: list[list[str]], right: list[bool]) -> str:
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ----- the ensemble summary table (report/summary.csv) ---------------------------------------
+# Known columns: header and format; a value shown with its reference in brackets names both.
+# Columns not listed here are rendered under their own name, so a new column is never dropped.
+SUMMARY_COLUMNS = {
+    "model": ("model", str, None),
+    "width": ("width", sig3, None),
+    "members": ("members", sig3, None),
+    "draws": ("draws", sig3, None),
+    "median_abs_z": ("median |z| (null)", fixed(2), "median_abs_z_null"),
+    "frac_abs_z_lt2": ("|z| < 2 (null)", percent, "frac_abs_z_lt2_null"),
+    "median_abs_z_theory_se": ("median |z|, analytic SE", fixed(2), None),
+    "rel_err": ("rel err (noise)", fixed(3), "rel_noise"),
+    "rel_bias": ("rel bias (95% upper end)", percent2, "rel_bias_hi"),
+    "slope_err": ("slope vs width", fixed(2), None),
+    "slope_bias": ("bias slope", fixed(2), None),
+    "orbit_spread": ("orbit spread (noise)", fixed(3), "spread_noise"),
+    "var_ratio": ("var ratio", sig3, None),
+}
+# The model's own description (its name stands for it; the study file has the rest) and the
+# references shown in brackets beside their value.
+SUMMARY_HIDDEN = {"arch", "group", "support", "basis", "augmentation", "loss", "optimizer", "batch_size"} | {
+    ref for _, _, ref in SUMMARY_COLUMNS.values() if ref}
+
+
+def summary_block(path: Path) -> str:
+    """One row per model at its largest width, the columns of ``summary.csv`` in its order."""
+    df = pd.read_csv(path)
+    if "lr" in df.columns and not df["model"].duplicated().any():
+        df = df.drop(columns="lr")  # one learning rate per model: the study file says which
+    header, right, columns = [], [], []
+    for c in df.columns:
+        if c in SUMMARY_HIDDEN:
+            continue
+        name, f, ref = SUMMARY_COLUMNS.get(c, (c, sig3, None))
+        ref = ref if ref in df.columns else None
+        header.append(name if ref or c not in SUMMARY_COLUMNS or "(" not in name else name.split(" (")[0])
+        right.append(c != "model" and pd.api.types.is_numeric_dtype(df[c]))
+        columns.append((c, f, ref))
+    rows = [[f(r[c]) + (f" ({f(r[ref])})" if ref else "") for c, f, ref in columns] for _, r in df.iterrows()]
+    return markdown_table(header, rows, right)
+
+
+# ----- the built-in study's blocks ------------------------------------------------------------
+def verdicts_block(out: Path) -> str:
+    path = out / "report" / "verdicts.json"
+    if not path.is_file():
+        return ("*No verdicts: this results directory has no `report/verdicts.json` (the report "
+                "writes one per question); see `report/index.html`.*\n")
+    try:
+        items = json.loads(path.read_text())
+        assert isinstance(items, list) and all(isinstance(v, dict) and "text" in v for v in items)
+    except (ValueError, AssertionError):
+        raise BadInput(f"--builtin: {path} is not a list of {{question, answer, key, text}} objects; rerun `eqntk report {out}`")
+    lines = []
+    for v in items:
+        text = " ".join(html.unescape(str(v["text"])).split())
+        key = str(v.get("key") or "").strip()
+        parts = [f"**{v['question'].strip()}**" if v.get("question") else "",
+                 f"*{v['answer'].strip()}*" + (f" ({key})" if key and key not in text else "") + ":" if v.get("answer") else "",
+                 text]
+        lines.append("- " + " ".join(p for p in parts if p))
+    return "\n".join(lines) + "\n"
+
+
+def unit_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "units").glob("*.json"))]
+
+
+def machine() -> dict:
+    """This machine, as the run facts name it."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    return dict(platform=platform.platform(), cpus=os.cpu_count(), memory_gib=round(mem / 2**30) if mem else None, gpu=gpu)
+
+
+def load_average() -> Optional[list[float]]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def run_record(out: Path) -> dict:
+    p = out / RUN_RECORD
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def machine_words(m: dict) -> str:
+    words = [f"{m['cpus']} CPUs"]
+    if m.get("memory_gib"):
+        words.append(f"{m['memory_gib']} GiB")
+    words.append(f"GPU {m['gpu']}" if m.get("gpu") else "no GPU")
+    return f"{m['platform']}, " + ", ".join(words)
+
+
+def run_facts(out: Path) -> str:
+    """Where and how long: the recorded seconds, the machine (recorded by --run, else this one)."""
+    rec = run_record(out)
+    lines = []
+    units = unit_records(out)
+    if units:
+        status = pd.Series([u.get("status", "?") for u in units]).value_counts()
+        secs = [float(u["seconds"]) for u in units if u.get("seconds") is not None]
+        devices = sorted({u.get("device", "?") for u in units})
+        text = f"training: {len(units)} units ({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}), "
+        if rec.get("training_seconds") is not None:
+            text += f"{seconds(rec['training_seconds'])} wall, "
+        text += f"{seconds(sum(secs))} summed over units (longest {seconds(max(secs))}), on {', '.join(devices)}"
+        lines.append(text)
+    manifest = out / "analysis" / "manifest.json"
+    if manifest.is_file():
+        s = json.loads(manifest.read_text()).get("seconds", {})
+        steps = sorted((k for k in s if k != "total"), key=lambda k: (["read", "theory", "compare"] + [k]).index(k))
+        parts = [f"{k} {seconds(s[k])}" for k in steps]
+        lines.append(f"analysis: {seconds(s['total'])}" + (f" ({', '.join(parts)})" if parts else ""))
+    kernels = sorted((out / "kernels").glob("*.json")) if (out / "kernels").is_dir() else []
+    if kernels:
+        metas = [json.loads(p.read_text()) for p in kernels]
+        order = {m["name"]: i for i, m in enumerate(json.loads((out / "study.json").read_text())["config"]["models"])}
+        metas.sort(key=lambda m: order.get(m["model"], len(order)))
+        lines.append("kernels: " + ", ".join(f"{m['model']} {seconds(m['seconds'])}" for m in metas)
+                     + f", {seconds(sum(m['seconds'] for m in metas))} in all")
+    if rec.get("report_seconds") is not None:
+        lines.append(f"report: {seconds(rec['report_seconds'])}")
+    if rec.get("wall_seconds") is not None:
+        lines.append(f"end to end: {seconds(rec['wall_seconds'])}")
+    if rec.get("peak_rss_bytes"):
+        lines.append(f"peak memory: {rec['peak_rss_bytes'] / 1e9:.1f} GB (largest process)")
+    m = rec.get("machine") or machine()
+    lines.append(f"machine: {machine_words(m)}"
+                 + (f"; load average before the run {', '.join(map(str, rec['load_average']))} (1, 5, 15 min)"
+                    if rec.get("load_average") else ""))
+    text = "".join(f"- {line}\n" for line in lines)
+    if not rec.get("load_average") and load_average():
+        text += f"<!-- load average when generated: {', '.join(map(str, load_average()))} (1, 5, 15 min) -->\n"
+    return text
+
+
+FIGURES = {
+    "trajectories": "Ensemble means against the analytic NTK prediction over training time",
+    "error_vs_width": "Error of the ensemble mean against width, per eval set",
+}
+
+
+def figure_block(out: Path, name: str, prefix: str) -> tuple[str, dict[str, Path]]:
+    src = out / "report" / f"{name}.png"
+    if not src.is_file():
+        raise BadInput(f"--{prefix}: {src} not found; run `eqntk report {out}` first")
+    target = f"docs/img/{prefix}_{name}.png"
+    return f"![{FIGURES[name]}]({target})\n", {target: src}
+
+
+# ----- the SO(3) ensemble study ---------------------------------------------------------------
+def gaps_block(out: Path) -> str:
+    """Measured against predicted gap of each pair at its largest common width, per eval set
+    (combined SE, pooled over the logged steps after initialisation)."""
+    p = pd.read_csv(out / "analysis" / "pairs.csv")
+    if not len(p):
+        return ""
+    top = p.groupby(["a", "b"])["width"].transform("max")
+    g = pooled_gaps(p[p["width"] == top], ["a", "b", "width", "eval_set"])
+    order = list(dict.fromkeys(p["eval_set"]))
+    pairs = list(dict.fromkeys(zip(p["a"], p["b"])))
+    rows = []
+    for a, b in pairs:
+        sub = g[(g["a"] == a) & (g["b"] == b)].set_index("eval_set")
+        rows.append([f"{a} vs {b}", sig3(sub["width"].iloc[0])]
+                    + [f"{fixed(2)(sub.loc[e, 'gap_se'])} ({fixed(2)(sub.loc[e, 'theory_gap_se'])})" if e in sub.index
+                       else "n/a" for e in order])
+    return ("Gap between the two ensembles' means in combined SE, measured (predicted by the analytic means):\n\n"
+            + markdown_table(["pair", "width"] + order, rows, [False] + [True] * (1 + len(order))))
+
+
+# ----- kernel-regression studies ----------------------------------------------------------------
+def regression_tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    s, p = out / "regression_summary.csv", out / "regression_pairs.csv"
+    if not s.is_file() or not p.is_file():
+        raise BadInput(f"DIR: {out} has no regression_summary.csv / regression_pairs.csv; run `eqntk run STUDY --out {out}`")
+    cfg = json.loads((out / "study.json").read_text())["config"]
+    return pd.read_csv(s), pd.read_csv(p), cfg
+
+
+def metric_of(summary: pd.DataFrame) -> tuple[str, Callable, str]:
+    """The main metric, its cell format and its unit."""
+    if "test_mae" in summary.columns:
+        return "test_mae", lambda m, lo, hi: f"{m:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(hi) else ""), "eV"
+    return ("test_accuracy",
+            lambda m, lo, hi: f"{100 * m:.1f}" + (f" ± {100 * (hi - m):.1f}" if np.isfinite(hi) else ""), "points")
+
+
+def same_models(summary: pd.DataFrame, metric: str) -> list[list[str]]:
+    """Models whose summaries coincide (cnn_aug and gcnn: docs/theory.md §6), in study order."""
+    groups: list[list[str]] = []
+    rows = {m: g.sort_values(["kernel", "time", "size"])[metric].to_numpy() for m, g in summary.groupby("model", sort=False)}
+    for m, v in rows.items():
+        for g in groups:
+            if np.allclose(rows[g[0]], v, rtol=0, atol=1e-9):
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+def t_label(t) -> str:
+    return "inf" if math.isinf(float(t)) else f"{float(t):g}"
+
+
+def regression_table(out: Path) -> str:
+    summary, _, cfg = regression_tables(out)
+    metric, f, unit = metric_of(summary)
+    groups = same_models(summary, metric)
+    panels = list(dict.fromkeys(zip(summary["kernel"], summary["time"])))
+    several_times = len({t for _, t in panels}) > 1
+    header = [("training molecules" if unit == "eV" else "n")]
+    cols = []
+    for k, t in panels:
+        for g in groups:
+            header.append(f"{' = '.join(g)} {k.upper()}" + (f", t = {t_label(t)}" if several_times else ""))
+            cols.append((g[0], k, t))
+    rows = []
+    for size in sorted(summary["size"].unique()):
+        row = [str(size)]
+        for m, k, t in cols:
+            r = summary[(summary["model"] == m) & (summary["kernel"] == k) & (summary["time"] == t) & (summary["size"] == size)]
+            r = r.iloc[0]
+            hi = r[f"{metric}_hi"] if r["draws"] > 1 else float("nan")
+            row.append(f(r[metric], r[f"{metric}_lo"], hi))
+        rows.append(row)
+    draws = cfg["regression"]["draws"]
+    what = ("Test MAE in eV, mean [95% CI]" if unit == "eV" else "Test accuracy (%), mean ± 95% CI half-width")
+    return (f"{what} over {draws} draws (one draw where the size is the whole pool):\n\n"
+            + markdown_table(header, rows, [True] * len(header)))
+
+
+def signed(x: float, digits: int) -> str:
+    """``+1.2``, ``-0.3``; zero at this precision as ``0.0`` (never ``-0.0``)."""
+    r = round(float(x), digits)
+    return f"{r:+.{digits}f}" if r != 0 else f"{0:.{digits}f}"
+
+
+def span(values: np.ndarray, scale: float, digits: int) -> str:
+    lo, hi = signed(scale * np.min(values), digits), signed(scale * np.max(values), digits)
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def regression_pairs(out: Path) -> str:
+    """Paired differences (same draws) between distinct models under each kernel, and NTK
+    against NNGP for each model: their range over sizes and where the paired 95% CI excludes 0."""
+    summary, pairs, _ = regression_tables(out)
+    metric, _, unit = metric_of(summary)
+    scale, digits = (1.0, 3) if unit == "eV" else (100.0, 1)
+    groups = same_models(summary, metric)
+    name = {g[0]: " = ".join(g) for g in groups}
+    p = pairs[pairs["metric"] == metric]
+    lines = []
+
+    def describe(rows: pd.DataFrame, label: str) -> str:
+        rows = rows.sort_values("size")
+        multi = rows[rows["draws"] > 1]
+        text = f"- {label}: {span(rows['mean_diff'], scale, digits)} {unit}"
+        if len(multi):
+            big = multi.loc[multi["mean_diff"].abs().idxmax()]
+            sig = multi[multi["significant"].astype(bool)]["size"].tolist()
+            text += (f" (largest {signed(scale * big['mean_diff'], digits)} at n = {big['size']}); paired 95% CI excludes 0 at "
+                     + (f"n = {', '.join(map(str, sig))} ({len(sig)} of" if sig else "none of")
+                     + f" the {len(multi)} sizes with {int(multi['draws'].max())} draws" + (")" if sig else ""))
+        single = rows[rows["draws"] <= 1]
+        if len(single):
+            text += "; " + ", ".join(f"{signed(scale * r['mean_diff'], digits)} at n = {r['size']} (one draw)"
+                                     for _, r in single.iterrows())
+        return text + "\n"
+
+    kernels = list(dict.fromkeys(p["a_kernel"]))
+
+    def rows_of(a: str, b: str, ka: str, kb: str, t) -> pd.DataFrame:
+        """Differences first minus second, whichever way round the table stores the pair."""
+        sel = p[(p["a_model"] == a) & (p["b_model"] == b) & (p["a_kernel"] == ka) & (p["b_kernel"] == kb) & (p["time"] == t)]
+        if len(sel) or (a, ka) == (b, kb):
+            return sel
+        sel = p[(p["a_model"] == b) & (p["b_model"] == a) & (p["a_kernel"] == kb) & (p["b_kernel"] == ka) & (p["time"] == t)]
+        return sel.assign(mean_diff=-sel["mean_diff"])
+    for t in dict.fromkeys(p["time"]):
+        tl = f", t = {t_label(t)}" if p["time"].nunique() > 1 else ""
+        for i, a in enumerate(groups):
+            for b in groups[i + 1:]:
+                for k in kernels:
+                    rows = rows_of(a[0], b[0], k, k, t)
+                    if len(rows):
+                        lines.append(describe(rows, f"{name[a[0]]} - {name[b[0]]}, {k.upper()}{tl}"))
+        if len(kernels) > 1:
+            for g in groups:
+                rows = rows_of(g[0], g[0], kernels[0], kernels[1], t)
+                if len(rows):
+                    lines.append(describe(rows, f"{name[g[0]]}, {kernels[0].upper()} - {kernels[1].upper()}{tl}"))
+    what = "test MAE" if unit == "eV" else "test accuracy"
+    return (f"Paired differences in {what} (first minus second, same draws), over the sizes:\n\n" + "".join(lines))
+
+
+# ----- blocks of each kind of directory ---------------------------------------------------------
+def need(path: Path, option: str, fix: str) -> Path:
+    if not path.is_file():
+        raise BadInput(f"{option}: {path} not found; {fix}")
+    return path
+
+
+def ensemble_blocks(out: Path, prefix: str, figures: bool, verdicts: bool) -> tuple[dict[str, str], dict[str, Path]]:
+    opt = f"--{prefix}"
+    need(out / "study.json", opt, f"give a results directory of `eqntk run study/builtin/{prefix}.yaml`")
+    summary = need(out / "report" / "summary.csv", opt, f"run `eqntk report {out}` first")
+    blocks = {f"{prefix}-summary": summary_block(summary), f"{prefix}-run": run_facts(out)}
+    images: dict[str, Path] = {}
+    if verdicts:
+        blocks[f"{prefix}-verdicts"] = verdicts_block(out)
+    if figures:
+        for name in FIGURES:
+            blocks[f"{prefix}-figure-{name.replace('_', '-')}"], img = figure_block(out, name, prefix)
+            images.update(img)
+    else:
+        need(out / "analysis" / "pairs.csv", opt, f"run `eqntk analyze {out}` first")
+        blocks[f"{prefix}-gaps"] = gaps_block(out)
+    return blocks, images
+
+
+def regression_blocks(out: Path, prefix: str) -> dict[str, str]:
+    need(out / "study.json", f"--{prefix}", f"give a results directory of `eqntk run study/builtin/{prefix}.yaml`")
+    return {f"{prefix}-run": run_facts(out), f"{prefix}-table": regression_table(out), f"{prefix}-pairs": regression_pairs(out)}
+
+
+def render(dirs: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
+    """Every block the directories give, and the images to copy (README-relative path -> source)."""
+    blocks: dict[str, str] = {}
+    images: dict[str, Path] = {}
+    for prefix, out in dirs.items():
+        if not out.is_dir():
+            raise BadInput(f"--{prefix}: {out} is not a directory; give a results directory")
+        if prefix in ("builtin", "so3"):
+            b, i = ensemble_blocks(out, prefix, figures=prefix == "builtin", verdicts=prefix == "builtin")
+            blocks.update(b)
+            images.update(i)
+        else:
+            blocks.update(regression_blocks(out, prefix))
+    return blocks, images
+
+
+# ----- README ---------------------------------------------------------------------------------
+def stale_blocks(text: str, blocks: dict[str, str], images: dict[str, Path], root: Path) -> list[str]:
+    stale = []
+    for name, body in blocks.items():
+        m = block_pattern(name).search(text)
+        if IGNORED.sub("", m.group(2)) != IGNORED.sub("", body):
+            stale.append(name)
+    for target, src in images.items():
+        dst = root / target
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            stale.append(target)
+    return stale
+
+
+def rewrite(text: str, blocks: dict[str, str]) -> str:
+    """Replace the stale blocks; a block whose numbers are unchanged keeps its bytes, the load
+    average of when they were generated included."""
+    for name in stale_blocks(text, blocks, {}, Path()):
+        text = block_pattern(name).sub(lambda m: m.group(1) + blocks[name] + m.group(3), text, count=1)
+    return text
+
+
+def check_markers(text: str, blocks: dict[str, str], readme: Path) -> None:
+    for name in blocks:
+        if not block_pattern(name).search(text):
+            raise BadInput(f"--readme: {readme} has no block '<!-- generated: {name} -->' ... "
+                           f"'<!-- end generated: {name} -->'; add the two marker lines where the block goes")
+
+
+# ----- --run ----------------------------------------------------------------------------------
+def run_study(name: str, out: Path) -> None:
+    """``eqntk run STUDY --out out``, recording what the results directory does not hold."""
+    before_load, rss_before = load_average(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "eqntk.cli", "run", str(STUDIES[name]), "--out", str(out), "--no-progress"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t0
+    log = proc.stdout
+    sys.stdout.write(log)
+    if proc.returncode != 0:
+        raise SystemExit(f"eqntk run {STUDIES[name]} failed with exit code {proc.returncode}; see its output above")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux; the largest process so far
+    found = {key: re.search(pattern, log) for key, pattern in (
+        ("training_seconds", r"^\d+ units: .* in ([\d.]+) s"), ("report_seconds", r"^report: .* \(([\d.]+) s\)$"))}
+    record = dict(study=str(STUDIES[name].relative_to(ROOT)), wall_seconds=round(wall, 1),
+                  peak_rss_bytes=rss * 1024 if rss > rss_before else None, machine=machine(), load_average=before_load,
+                  **{k: float(m.group(1)) for k, m in found.items() if m})
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+# ----- command line -----------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        print(f"readme.py: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = Parser(description="Render README.md's generated blocks from results directories.")
+    for name in STUDIES:
+        ap.add_argument(f"--{name}", type=Path, metavar="DIR", help=f"results directory of study/builtin/{name}.yaml")
+    ap.add_argument("--check", action="store_true", help="exit 1 naming the stale blocks; write nothing")
+    ap.add_argument("--ignore", action="append", default=[], metavar="BLOCK", help="with --check: a block not to compare")
+    ap.add_argument("--run", nargs="*", choices=list(STUDIES), metavar="STUDY",
+                    help="run these committed studies (default: all four) into a fresh temporary directory first")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to rewrite (default: the repository's)")
+    a = ap.parse_args(argv)
+    dirs = {name: getattr(a, name) for name in STUDIES if getattr(a, name) is not None}
+    to_run = [] if a.run is None else (a.run or list(STUDIES))
+    clash = sorted(set(to_run) & set(dirs))
+    if clash:
+        ap.error(f"--run {clash[0]} and --{clash[0]} DIR: give one or the other")
+    if not dirs and not to_run:
+        ap.error("no results: give --builtin DIR (and/or --so3, --regression, --molecules), or --run")
+    try:
+        readme = a.readme
+        if not readme.is_file():
+            raise BadInput(f"--readme: {readme} not found; give the README to rewrite")
+        text = readme.read_text()
+        if to_run:
+            tmp = Path(tempfile.mkdtemp(prefix="readme-results-"))
+            print(f"running {', '.join(to_run)} into {tmp}")
+            for name in to_run:
+                run_study(name, tmp / name)
+                dirs[name] = tmp / name
+        blocks, images = render(dirs)
+        check_markers(text, blocks, readme)
+    except BadInput as e:
+        print(e, file=sys.stderr)
+        return 2
+    if a.check:
+        stale = [s for s in stale_blocks(text, blocks, images, readme.parent) if s not in a.ignore]
+        if stale:
+            print("stale: " + " ".join(stale))
+            return 1
+        print(f"{readme}: {len(blocks)} blocks up to date")
+        return 0
+    for target, src in images.items():
+        (readme.parent / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, readme.parent / target)
+    new = rewrite(text, blocks)
+    if new != text:
+        readme.write_text(new)
+    print(f"{readme}: {len(blocks)} blocks written ({', '.join(blocks)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
