@@ -142,22 +142,88 @@ def gap_vs_width(s: Summary, path: Path) -> Optional[str]:
 
 
 def gap_vs_time(s: Summary, path: Path) -> Optional[str]:
-    p = s.pairs
+    p = s.pairs[(s.pairs["kind"].isin(["augmentation", "control"])) & (s.pairs["step"] > 0)] if len(s.pairs) else s.pairs
     if not len(p):
         return None
     top = p.groupby(["a", "b", "lr"])["width"].transform("max")
     p = p[p["width"] == top]
     sets = s.eval_sets(p)
-    with figure(path, len(sets), titles=[f"gap at the largest width: {ev}" for ev in sets]) as (fig, axes):
+    with figure(path, len(sets), titles=[f"relative gap at the largest width: {ev}" for ev in sets]) as (fig, axes):
         for ax, ev in zip(axes.flat, sets):
-            for i, ((a, b, lr, w), d) in enumerate(p[p["eval_set"] == ev].groupby(["a", "b", "lr", "width"], sort=False)):
+            for i, ((a, b, kind, lr, w), d) in enumerate(p[p["eval_set"] == ev].groupby(["a", "b", "kind", "lr", "width"], sort=False)):
                 d = d.sort_values("time")
-                ax.plot(d["time"], d["gap_se"], "o-", color=f"C{i % 10}", label=f"{a} vs {b} (w {w})")
-            ax.axhline(GAP_SE_LIMIT, color="grey", lw=0.8, ls="--")
+                color, ls = f"C{i % 10}", "-" if kind == "augmentation" else "--"
+                ax.plot(d["time"], d["rel_gap_est"], "o" + ls, color=color, ms=3, label=f"{a} vs {b} (w {w}{', control' if kind == 'control' else ''})")
+                ax.fill_between(d["time"], d["rel_gap_lo"], d["rel_gap_hi"], color=color, alpha=0.15)
+                ax.plot(d["time"], d["theory_rel_gap"], ":", color=color, lw=0.8)
+            ax.set_yscale("symlog", linthresh=1e-3)
             _time_axis(ax, s.lrs[0])
             ax.legend()
-        axes[0, 0].set_ylabel("gap / combined SE")
-    return "Gap between the ensemble means of each pair, in combined SE, over training time at the largest common width."
+        axes[0, 0].set_ylabel("||E mean_A - E mean_B|| / ||mu||")
+    return ("Relative gap between the ensemble means of each augmented model and its GCNN counterpart (solid) and of the "
+            "positive controls (dashed), noise removed, with its 95% interval (band), over training time at the largest "
+            "common width; dotted: the analytic relative gap (0 for the theorem's pairs).")
+
+
+def _manifold_label(m: str) -> str:
+    return "on the data manifold" if m == "on" else "off the data manifold"
+
+
+def bias_vs_time(s: Summary, path: Path) -> Optional[str]:
+    a = s.agr[s.agr["step"] > 0] if len(s.agr) else s.agr
+    if not len(a):
+        return None
+    a = a[a["width"] == a.groupby(["model", "lr"])["width"].transform("max")]
+    sets = s.eval_sets(a)
+    with figure(path, len(sets), titles=[f"bias of the mean at the largest width: {ev}" for ev in sets]) as (fig, axes):
+        for ax, ev in zip(axes.flat, sets):
+            for i, m in enumerate(s.model_order):
+                d = a[(a["model"] == m) & (a["eval_set"] == ev) & (a["lr"] == s.model_lr.get(m))].sort_values("time")
+                if not len(d):
+                    continue
+                color = f"C{i % 10}"
+                ax.plot(d["time"], d["rel_bias"], "o-", ms=3, color=color, label=f"{m} (w {int(d['width'].iloc[0])})")
+                ax.fill_between(d["time"], d["rel_bias_lo"], d["rel_bias_hi"], color=color, alpha=0.15)
+            ax.set_yscale("symlog", linthresh=1e-3)
+            _time_axis(ax, s.lrs[0])
+            ax.legend()
+        axes[0, 0].set_ylabel("||E mean - mu|| / ||mu|| (noise removed)")
+    return ("Finite-width bias of the ensemble mean with the ensemble's noise removed, relative to RMS(mu), at each "
+            "logged step after initialisation and each model's largest width, with its 95% interval (band; docs/theory.md §5.4).")
+
+
+def bias_vs_width(s: Summary, path: Path) -> Optional[str]:
+    if not len(s.agr):
+        return None
+    a = s.agr.assign(manifold=s.agr["eval_set"].map(s.manifold).fillna("off"))
+    pooled = compare.pooled_errors(a, ["model", "lr", "manifold", "width"])
+    fits = s.width_fit[s.width_fit["step"].isna()]
+    mans = [m for m in ("on", "off") if (pooled["manifold"] == m).any()]
+    if not mans:
+        return None
+    with figure(path, len(mans), titles=[f"bias against width, {_manifold_label(m)}" for m in mans]) as (fig, axes):
+        for ax, man in zip(axes.flat, mans):
+            low = 1.0
+            for i, m in enumerate(s.model_order):
+                d = pooled[(pooled["model"] == m) & (pooled["manifold"] == man) & (pooled["lr"] == s.model_lr.get(m))].sort_values("width")
+                if not len(d):
+                    continue
+                f = fits[(fits["model"] == m) & (fits["manifold"] == man) & (fits["lr"] == s.model_lr.get(m))]
+                label = m + (f" (exponent {fmt(f['exponent'].iloc[0], 2)} [{fmt(f['exponent_lo'].iloc[0], 2)}, "
+                             f"{fmt(f['exponent_hi'].iloc[0], 2)}])" if len(f) and np.isfinite(f["exponent"].iloc[0]) else "")
+                y = np.maximum(d["rel_bias"].to_numpy(), 1e-6)
+                err = [y - np.maximum(d["rel_bias_lo"].to_numpy(), 1e-6), np.maximum(d["rel_bias_hi"].to_numpy() - y, 0)]
+                ax.errorbar(d["width"], y, yerr=err, fmt="o-", ms=3, capsize=2, color=f"C{i % 10}", label=label)
+                low = min(low, float(y.min()))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=max(low / 10, 1e-6))  # an interval reaching 0 runs off the bottom
+            ax.set_xlabel("width")
+            ax.legend()
+        axes[0, 0].set_ylabel("||E mean - mu|| / ||mu||, steps > 0")
+    return ("Finite-width bias of the ensemble mean (noise removed, 95% interval; floored at 1e-6 for display) against width, "
+            "pooled over steps after initialisation, on the data manifold (training inputs, held-out digits) and off it, "
+            "with the fitted exponent and its 95% interval (theory: -1).")
 
 
 def orbit_spread(s: Summary, path: Path) -> Optional[str]:
@@ -220,5 +286,6 @@ def variance_ratio(s: Summary, path: Path) -> Optional[str]:
 
 
 # The report's plots in page order; each writes ``<name>.png``.
-PLOTS = dict(trajectories=trajectories, error_vs_width=error_vs_width, gap_vs_width=gap_vs_width,
-             gap_vs_time=gap_vs_time, orbit_spread=orbit_spread, z_scores=z_scores, variance_ratio=variance_ratio)
+PLOTS = dict(trajectories=trajectories, bias_vs_time=bias_vs_time, bias_vs_width=bias_vs_width,
+             error_vs_width=error_vs_width, gap_vs_width=gap_vs_width, gap_vs_time=gap_vs_time,
+             orbit_spread=orbit_spread, z_scores=z_scores, variance_ratio=variance_ratio)

@@ -1,4 +1,8 @@
-"""The report: plots, a summary table and one verdict per question, as ``DIR/report/index.html``.
+"""The report: plots, a summary table and verdicts, as ``DIR/report/index.html``.
+
+Each verdict opens with its answer (agrees / differs / inconclusive) and key number; the
+verdicts are also written machine-readable to ``DIR/report/verdicts.json`` (a list of
+``{question, answer, key, text}`` in page order).
 
 Every statement in a verdict is computed from the analysis tables (``analysis.compare``,
 ``analysis.summary``, ``analysis.verdicts``); the thresholds that turn numbers into words are
@@ -9,6 +13,7 @@ PNG files (``analysis.plots``) beside it.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +21,8 @@ import pandas as pd
 from study.atomic import atomic_path
 
 from . import plots, verdicts
-from .summary import Summary, fmt, summary_table
-from .verdicts import GAP_SE_LIMIT, NOISE_FLOOR_FACTOR, RESOLVE_SE, Z_AGREE_FACTOR
+from .summary import Summary, details_table, fmt, summary_table
+from .verdicts import (CONTROL_RESOLVE_SE, INCONCLUSIVE, POWER_REL, RESOLVE_SE, THEOREM_RTOL, Z_AGREE_FACTOR, Verdict)
 
 _CSS = """
 body{font-family:sans-serif;max-width:1250px;margin:1em auto;padding:0 1em;color:#222}
@@ -29,6 +34,9 @@ img{max-width:100%;border:1px solid #ddd}
 .verdict{background:#f6f8fa;border-left:4px solid #4a7;padding:0.5em 1em;margin:0.5em 0}
 .scroll{overflow-x:auto}
 .defs{font-size:13px;color:#444}
+.answer{font-weight:bold;text-transform:uppercase}
+.agrees{color:#286}.differs{color:#b33}.inconclusive{color:#a70}
+.details{font-size:13px;color:#444}
 """
 
 
@@ -46,8 +54,9 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
         (rdir / f"{name}.png").unlink(missing_ok=True)
     s = Summary(tables, resolved)
     summary = summary_table(s)
-    with atomic_path(rdir / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
+    for name, frame in (("summary", summary), ("details", details_table(s)), ("width_fit", s.width_fit)):
+        with atomic_path(rdir / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
 
     figures = []
     for name, draw in plots.PLOTS.items():
@@ -55,16 +64,13 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
         if caption:
             figures.append((f"{name}.png", caption))
 
-    questions = [
-        ("Does the finite ensemble agree with theory at the largest width?", lambda: verdicts.agreement(s)),
-        ("Does the error fall with width?", lambda: verdicts.width(s, summary)),
-        ("Does the augmentation theorem hold at finite width?", lambda: verdicts.theorem(s)),
-        ("Does invariance emerge in the augmented ensembles' mean?", lambda: verdicts.invariance(s)),
-        ("Does escnn's default basis differ from the canonical GCNN, and do the ensembles resolve it?",
-         lambda: verdicts.escnn(s)),
-    ]
-    nothing = "No ensemble has a finished unit yet, so nothing can be measured (see the units below)."
-    answers = [(q, answer() if len(tables["points"]) else nothing) for q, answer in questions]
+    if len(tables["points"]):
+        answers = [v for question in verdicts.QUESTIONS.values() for v in question(s)]
+    else:
+        nothing = "No ensemble has a finished unit yet, so nothing can be measured (see the units below)"
+        answers = [Verdict(verdicts.QUESTION[name], INCONCLUSIVE, "n/a", nothing) for name in verdicts.QUESTIONS]
+    with atomic_path(rdir / "verdicts.json") as tmp:
+        tmp.write_text(json.dumps([v.record() for v in answers], indent=1))
     units = tables["units"]
     bad = units[units["state"] != "done"][["unit_id", "model", "width", "lr", "member_start", "member_stop", "state",
                                            "steps_reached", "error"]]
@@ -75,8 +81,8 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
     pair_top = s.pair_pooled
     if len(pair_top):
         wmax = pair_top.groupby(["a", "b", "lr"])["width"].transform("max")
-        pair_top = pair_top[pair_top["width"] == wmax][["a", "b", "kind", "lr", "width", "eval_set", "members_a",
-                                                        "members_b", "gap_se", "theory_gap_se", "rel_gap", "theory_rel_gap"]]
+        pair_top = pair_top[pair_top["width"] == wmax][["a", "b", "kind", "width", "eval_set", "gap_se",
+                                                        "rel_gap_est", "rel_gap_lo", "rel_gap_hi", "theory_rel_gap"]]
     conv = tables["convergence"]
     conv = conv[conv["step"].isna()].drop(columns=["step"])
     rank = {m: i for i, m in enumerate(s.model_order)}
@@ -90,17 +96,24 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
          f"ensemble size {cfg['ensemble_size']}; lr {html.escape(str(cfg['lr']))}; {cfg['steps']} steps, logged at "
          f"{html.escape(str(resolved['log_steps']))}; eval sets: {html.escape(', '.join(s.eval_order))}.</p>",
          "<h2>Verdicts</h2>"]
-    for q, text in answers:
-        h.append(f"<div class='verdict'><b>{html.escape(q)}</b><p>{text}</p></div>")
-    h.append("<h2>Summary</h2><p>Per model at its largest width (all eval sets, steps after initialisation); "
-             "<a href='summary.csv'>summary.csv</a>.</p>")
+    for v in answers:
+        h.append(f"<div class='verdict'><b>{html.escape(v.question)}</b><p><span class='answer {v.answer}'>{v.answer}</span>: "
+                 f"{html.escape(v.key)}. {html.escape(v.text.rstrip('.'))}.</p>"
+                 + (f"<p class='details'>{v.details}</p>" if v.details else "") + "</div>")
+    h.append("<h2>Summary</h2><p>Per model at its largest width (all eval sets, steps after initialisation; "
+             "<code>rel_bias</code>: the bias of the mean with the noise removed, relative to RMS(mu), and the upper end "
+             "of its 95% interval); <a href='summary.csv'>summary.csv</a>, every other number per model in "
+             "<a href='details.csv'>details.csv</a>, the exponents in width per step and manifold in "
+             "<a href='width_fit.csv'>width_fit.csv</a>; <a href='verdicts.json'>verdicts.json</a>.</p>")
     h.append(_table_html(summary, "summary"))
     h.append("<h2>Plots</h2>")
     for fname, caption in figures:
         h.append(f"<figure><img src='{fname}' alt='{html.escape(fname)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-    h.append("<h2>Convergence in width</h2><p>Slopes of log relative error against log width, pooled over steps after "
-             "initialisation (per step: <code>analysis/convergence.csv</code>).</p>")
-    h.append(_table_html(conv, "convergence"))
+    h.append("<h2>Convergence in width</h2><p>Exponent of the bias of the mean in width (noise removed, 95% interval) and "
+             "the slope of log relative error against log width, pooled over steps after initialisation (per step: "
+             "<code>analysis/convergence.csv</code>).</p>")
+    h.append(_table_html(conv[["model", "eval_set", "widths", "slope_err", "exponent_bias", "exponent_bias_lo",
+                               "exponent_bias_hi", "rel_err_largest", "rel_noise_largest"]], "convergence"))
     if len(pair_top):
         h.append("<h2>Pairs at the largest common width</h2><p>Pooled over steps after initialisation; per step and "
                  "width: <code>analysis/pairs.csv</code>.</p>")
@@ -122,10 +135,19 @@ identically, so there the scale is the RMS analytic standard deviation instead (
 <code>rel_noise</code> = RMS(SE)/scale is what the finite ensemble alone explains.</li>
 <li>Gap of a pair: RMS(mean_A - mean_B) / RMS(sqrt(SE_A^2 + SE_B^2)) over matching points (same width, step, eval set, sample,
 orbit point, output); the analytic gap uses mu_A - mu_B.</li>
+<li>Noise removed, with 95% intervals (docs/theory.md §5.4): over any pool of points, E = sum (mean - mu)^2 and S = sum SE^2;
+E - S estimates the squared systematic part B^2, and the interval is every B^2 &ge; 0 with |E - S - B^2| &le; 1.96 sqrt(2 S^2 +
+var(S) + 4 B^2 S), the noise variance of E when all points are perfectly correlated (the members are shared), so it holds
+whatever the correlation. Relative sizes divide by RMS(mu). The same for pair gaps (mean_A - mean_B, relative to RMS of both
+analytic means) and orbit spreads. The exponent in width is a weighted least-squares fit of log B against log width over the
+widths whose B is resolved.</li>
+<li>Answers: <b>differs</b> when an interval excludes 0 (at the final step or pooled over steps); <b>agrees</b> when it does not
+and its upper end is at most {POWER_REL:.0%} (for the theorem: the family's positive controls, pairs whose analytic means differ
+by more than 5%, are resolved at &ge; {CONTROL_RESOLVE_SE:g} combined SE at the largest width); <b>inconclusive</b> otherwise.
+Theorem pairs have analytic means equal to {THEOREM_RTOL:g}. Exponent: agrees when its interval holds -1 and not 0.</li>
 <li>Orbit spread: RMS over g of (mean(L_g x) - orbit average) / RMS(mean); the noise level is
 sqrt(sum var(d_j) / M) / RMS(mean), with d_j a member's prediction minus its own orbit average.</li>
-<li>Thresholds: agreement if median |z| &le; {Z_AGREE_FACTOR} x null; theorem holds if gap &le; {GAP_SE_LIMIT:g} SE;
-resolved if gap &gt; {RESOLVE_SE:g} SE; noise floor if rel_err &le; {NOISE_FLOOR_FACTOR} x rel_noise.</li>
+<li>Details: median |z| is flagged above {Z_AGREE_FACTOR} x null; a gap is resolved above {RESOLVE_SE:g} SE.</li>
 <li>Tables: <code>analysis/*.parquet</code> and <code>.csv</code> (the per-point table <code>points</code> as Parquet only).</li>
 </ul></div>""")
     h.append("</body></html>")

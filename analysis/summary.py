@@ -1,5 +1,7 @@
-"""The numbers a report shares: ``Summary`` (computed once from the analysis tables) and the
-per-model summary table (``report/summary.csv``), with the number format the page uses."""
+"""The numbers a report shares: ``Summary`` (computed once from the analysis tables), the
+per-model summary table (``report/summary.csv``, narrow enough for the page), its detail table
+(``report/details.csv``), the bias's exponent in width on and off the data manifold
+(``report/width_fit.csv``), and the number formats the page uses."""
 
 from __future__ import annotations
 
@@ -32,10 +34,61 @@ def pct(x) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.0f}%"
 
 
+def pct2(x) -> str:
+    """A relative size in percent to two significant digits (``1.2%``, ``0.031%``)."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.2g}%"
+
+
+def pct_ci(est, lo, hi) -> str:
+    """A relative size with its 95% interval, as ``1.2% [0%, 3.4%]``."""
+    return f"{pct2(est)} [{pct2(lo)}, {pct2(hi)}]"
+
+
+def num_ci(est, lo, hi) -> str:
+    return f"{fmt(est, 2)} [{fmt(lo, 2)}, {fmt(hi, 2)}]"
+
+
+def manifold_of(resolved: dict) -> dict[str, str]:
+    """``on`` for the training inputs and every eval set drawn from the training data's source
+    (held-out digits), ``off`` for the others (noise, photos)."""
+    data = resolved["config"]["data"]
+    source = data["train"].get("source")
+    out = {"train": "on"}
+    for e in data.get("eval", []):
+        out[e["name"]] = "on" if e["data"].get("source") == source else "off"
+    return out
+
+
+def width_fits(agr: pd.DataFrame, manifold: dict[str, str]) -> pd.DataFrame:
+    """Exponent of the bias of the mean in width with its 95% interval, per (model, lr,
+    manifold, step) at fixed training time, and pooled over the steps after initialisation
+    (``step`` missing); every eval set of the manifold pooled (docs/theory.md §5.4)."""
+    cols = ["model", "lr", "manifold", "step", "widths", "exponent", "exponent_lo", "exponent_hi"]
+    if not len(agr):
+        return pd.DataFrame(columns=cols)
+    a = agr.assign(manifold=agr["eval_set"].map(manifold).fillna("off"))
+    per_step = compare.pooled_errors(a, ["model", "lr", "manifold", "step", "width"], steps="all")
+    per_step = per_step[per_step["step"] > 0]
+    pooled = compare.pooled_errors(a, ["model", "lr", "manifold", "width"]).assign(step=pd.NA)
+    rows = []
+    for frame in (per_step, pooled):
+        for key, g in frame.groupby(["model", "lr", "manifold", "step"], sort=True, dropna=False):
+            g = g.sort_values("width")
+            rows.append(dict(zip(["model", "lr", "manifold", "step"], key), widths=" ".join(map(str, g["width"])),
+                             **dict(zip(["exponent", "exponent_lo", "exponent_hi"],
+                                        compare.fit_exponent(g["width"], g["bias2"], g["bias2_lo"], g["bias2_hi"])))))
+    out = pd.DataFrame(rows, columns=cols)
+    out["step"] = out["step"].astype("Int64")
+    return out
+
+
 class Summary:
     """Numbers the plots and verdicts share, computed once from the tables."""
 
     def __init__(self, tables: dict[str, pd.DataFrame], resolved: dict):
+        tables = dict(tables)  # tables written before antithetic pairs have no ``draws``: one draw a member
+        for name in ("points", "agreement"):
+            tables[name] = compare.with_draws(tables[name])
         self.t = tables
         self.resolved = resolved
         self.models = tables["models"].set_index("model")
@@ -57,6 +110,11 @@ class Summary:
         self.top_points = pts[(pts["width"] == top) & (pts["step"] > 0)]
         self.top_points = self.top_points.assign(arch=self.top_points["model"].map(self.arch_of))
         self.errors = compare.pooled_errors(agr, ["model", "lr", "width"]) if len(agr) else agr
+        self.manifold = manifold_of(resolved)
+        # the bias at each logged step (all eval sets), and its exponent in width per manifold
+        self.errors_by_step = (compare.pooled_errors(agr, ["model", "lr", "width", "step"], steps="all")
+                               if len(agr) else agr)
+        self.width_fit = width_fits(agr, self.manifold)
         self.spread = compare.pooled_spread(ens, ["model", "lr", "width"]) if len(ens) else ens
         pairs = tables["pairs"]
         self.pairs = pairs
@@ -85,12 +143,23 @@ class Summary:
 
 
 def summary_table(s: Summary) -> pd.DataFrame:
+    """The page's summary: one row per (model, lr) at its largest width, eight columns: the
+    independent draws, median |z| against its Student-t reference, and the bias of the mean
+    with the noise removed (pooled over eval sets and steps after initialisation) with the
+    upper end of its 95% interval. The rest is in ``details_table``."""
+    d = details_table(s)
+    cols = ["model", "lr", "width", "draws", "median_abs_z", "median_abs_z_null", "rel_bias", "rel_bias_hi"]
+    return d[cols] if len(d) else pd.DataFrame(columns=cols)
+
+
+def details_table(s: Summary) -> pd.DataFrame:
     """One row per (model, lr) at its largest width: z-scores against the null, errors, slopes, spread."""
     rows = []
     for (model, lr), width in sorted(s.largest.items(), key=lambda kv: (s.model_order.index(kv[0][0]), kv[0][1])):
         spec = s.models.loc[model]
         p = s.top_points[(s.top_points["model"] == model) & (s.top_points["lr"] == lr)]
         members = int(p["members"].min()) if len(p) else 0
+        draws = int(p["draws"].min()) if len(p) else 0
         null_med, null_frac = compare.t_null_pooled(p["draws"])
         e = s.errors[(s.errors["model"] == model) & (s.errors["lr"] == lr)].sort_values("width")
         et = e[e["width"] == width]
@@ -98,12 +167,15 @@ def summary_table(s: Summary) -> pd.DataFrame:
         rows.append(dict(
             model=model, arch=spec["arch"], group=spec["group"], support=spec["support"], basis=spec["basis"],
             augmentation=spec["augmentation"], loss=spec.get("loss", "mse"), optimizer=spec.get("optimizer", "gd"),
-            batch_size=spec.get("batch_size"), lr=lr, width=width, members=members,
+            batch_size=spec.get("batch_size"), lr=lr, width=width, members=members, draws=draws,
             median_abs_z=p["z"].abs().median(), median_abs_z_null=null_med,
             frac_abs_z_lt2=(p["z"].abs() < 2)[p["z"].notna()].mean(), frac_abs_z_lt2_null=null_frac,
             median_abs_z_theory_se=p["z_theory"].abs().median(),
             rel_err=et["rel_err"].iloc[0] if len(et) else np.nan,
             rel_noise=et["rel_noise"].iloc[0] if len(et) else np.nan,
+            rel_bias=et["rel_bias"].iloc[0] if len(et) else np.nan,
+            rel_bias_lo=et["rel_bias_lo"].iloc[0] if len(et) else np.nan,
+            rel_bias_hi=et["rel_bias_hi"].iloc[0] if len(et) else np.nan,
             slope_err=compare.fit_slope(e["width"], e["rel_err"]),
             slope_bias=compare.fit_slope(e["width"], e["rel_bias"]),
             orbit_spread=sp["spread"].iloc[0] if len(sp) else np.nan,

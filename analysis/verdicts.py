@@ -1,9 +1,18 @@
 """One verdict per question of the report, in words computed from the ``Summary``.
 
+Each verdict opens with its answer, ``agrees``, ``differs`` or ``inconclusive``, and its key
+number with a 95% interval (``Verdict``); the details follow. Sizes are relative, with the
+ensembles' noise removed (``analysis.compare.excess_interval``, docs/theory.md §5.4), so an
+"equal" always states the largest difference the data leave possible: the upper end of the
+interval. An equality the study could not have refuted (the interval reaches past
+``POWER_REL``, or the theorem's positive control is not resolved) is ``inconclusive``.
+
 The thresholds that turn numbers into words are the constants below; the page states them.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -11,195 +20,360 @@ import pandas as pd
 from study.spec import EQUIVARIANT_ARCHS
 
 from . import compare
-from .summary import FAMILIES, Summary, fmt, pct
+from .summary import FAMILIES, Summary, fmt, num_ci, pct2, pct_ci
 
-# A family agrees with theory when its median |z| is at most this multiple of the value
-# expected from an ensemble drawn from the infinite-width process (Student's t, M - 1 dof).
+AGREES, DIFFERS, INCONCLUSIVE = "agrees", "differs", "inconclusive"
+# Median |z| reference: at most this multiple of the Student-t value counts as consistent (details only).
 Z_AGREE_FACTOR = 1.5
-# The theorem holds at finite width when the pooled gap is within this many combined SE.
+# Gap in combined SE drawn as a reference line in the gap plots.
 GAP_SE_LIMIT = 3.0
 # Two ensembles resolve a difference of their means when the pooled gap exceeds this many combined SE.
 RESOLVE_SE = 3.0
+# A positive control counts as resolved when its pooled gap at the largest width reaches this many combined SE.
+CONTROL_RESOLVE_SE = 5.0
+# An "equal" whose 95% upper bound exceeds this relative size could not have seen a difference
+# that matters: the verdict is inconclusive.
+POWER_REL = 0.10
 # Analytic means of a pair whose relative difference is below this are equal (float64
 # kernels agree to ~1e-12; docs/theory.md §6 was checked to 1e-9), so the theorem applies.
 THEOREM_RTOL = 1e-6
+# The exponent of the finite-width bias of the mean in width (docs/theory.md §2.4, §5.4).
+BIAS_EXPONENT = -1.0
 # Error within this factor of the ensemble's own noise level (rel_err / rel_noise) counts as at the noise floor.
 NOISE_FLOOR_FACTOR = 1.5
 # An orbit spread below this is float32 rounding of an exactly invariant network.
 ROUNDING_SPREAD = 1e-5
+# The report's questions, in page order.
+QUESTION = {
+    "agreement": "Does the finite ensemble agree with theory at the largest width?",
+    "width": "Does the finite-width bias of the mean fall as 1/width?",
+    "theorem": "Does the augmentation theorem hold at finite width?",
+    "invariance": "Does invariance emerge in the augmented ensembles' mean?",
+    "escnn": "Does escnn's default basis differ from the canonical GCNN, and do the ensembles resolve it?",
+}
+# Architecture families of the theorem: an augmented model, its GCNN counterpart and their controls.
+THEOREM_FAMILY = {"mlp": "MLP", "group_mlp": "MLP", "cnn": "conv", "gcnn": "conv", "sphere_mlp": "SO3", "so3_gcnn": "SO3"}
 
 
-def agreement(s: Summary) -> str:
-    """Does the finite ensemble agree with theory at the largest width? Per family: median |z| against the null."""
-    if not len(s.top_points):
-        return "No ensemble has both finished units and an analytic prediction, so nothing can be compared."
-    parts = []
+@dataclass
+class Verdict:
+    """One answer: ``question``, ``answer`` (agrees / differs / inconclusive), ``key`` (the key
+    number as printed), ``text`` (the one-line verdict) and ``details`` (HTML, page only)."""
+    question: str
+    answer: str
+    key: str
+    text: str
+    details: str = ""
+
+    def record(self) -> dict:
+        """The machine-readable form (``report/verdicts.json``)."""
+        d = asdict(self)
+        d.pop("details")
+        return d
+
+
+def _status(lo_values, hi_values, floor: float = 0.0) -> str:
+    """``differs`` when any interval lies above ``floor`` (0, or what rounding alone makes),
+    else ``inconclusive`` when any reaches past ``POWER_REL`` (or is missing), else ``agrees``."""
+    lo, hi = np.asarray(lo_values, dtype=float), np.asarray(hi_values, dtype=float)
+    if (np.nan_to_num(lo) > floor).any():
+        return DIFFERS
+    if not len(hi) or (~np.isfinite(hi)).any() or (hi > POWER_REL).any():
+        return INCONCLUSIVE
+    return AGREES
+
+
+def _worst(answers: list[str]) -> str:
+    return DIFFERS if DIFFERS in answers else INCONCLUSIVE if INCONCLUSIVE in answers or not answers else AGREES
+
+
+def _row(frame: pd.DataFrame, **eq) -> pd.Series | None:
+    m = np.ones(len(frame), bool)
+    for k, v in eq.items():
+        m &= (frame[k] == v).to_numpy()
+    return frame[m].iloc[0] if m.any() else None
+
+
+# ----- agreement with theory ---------------------------------------------------------------
+def agreement(s: Summary) -> list[Verdict]:
+    """Per family at the largest width: the bias of the ensemble mean with the noise removed,
+    at the final logged step and pooled over the steps after initialisation."""
+    q = QUESTION["agreement"]
+    if not len(s.errors):
+        return [Verdict(q, INCONCLUSIVE, "n/a", "No model has an analytic prediction (a model trained by SGD or on "
+                        "the cross-entropy has none), so nothing is compared with theory.")]
+    out = []
     for fam in FAMILIES:
-        p = s.top_points[s.top_points["arch"] == fam]
-        p = p[p["z"].notna()]
-        if not len(p):
+        models = [(m, lr) for (m, lr) in s.largest if s.arch(m) == fam and ((s.errors["model"] == m) & (s.errors["lr"] == lr)).any()]
+        models.sort(key=lambda k: (s.model_order.index(k[0]), k[1]))
+        if not models:
             continue
-        members = sorted(p["members"].unique())
-        null_med, null_frac = compare.t_null_pooled(p["draws"])
-        med, frac = p["z"].abs().median(), (p["z"].abs() < 2).mean()
-        ok = med <= Z_AGREE_FACTOR * null_med
-        widths = sorted({s.largest[k] for k in s.largest if s.arch(k[0]) == fam})
-        parts.append(
-            f"{fam} (width {'/'.join(map(str, widths))}, {'/'.join(map(str, members))} members, {len(p)} points): median |z| = {fmt(med)} "
-            f"against {fmt(null_med)} expected for an ensemble of the infinite-width process, |z| &lt; 2 for "
-            f"{pct(frac)} (expected {pct(null_frac)}): "
-            + ("consistent with theory" if ok else f"deviates from theory ({fmt(med / null_med)} times the expected median |z|)")
-        )
-    if not parts:
-        return ("No model has an analytic prediction (a model trained by SGD or on the cross-entropy has none), so "
-                "nothing is compared with theory.")
-    return ("At the largest width, over all logged steps after initialisation and all eval sets, "
-            + "; ".join(parts) + f". (Consistent means median |z| at most {Z_AGREE_FACTOR} times the expected value.)")
+        rows, answers = [], []
+        for m, lr in models:
+            w = s.largest[(m, lr)]
+            by_step = s.errors_by_step[(s.errors_by_step["model"] == m) & (s.errors_by_step["lr"] == lr)
+                                       & (s.errors_by_step["width"] == w)]
+            last = by_step.loc[by_step["step"].idxmax()]
+            pooled = _row(s.errors, model=m, lr=lr, width=w)
+            ans = _status([last["rel_bias_lo"], pooled["rel_bias_lo"]], [last["rel_bias_hi"], pooled["rel_bias_hi"]])
+            answers.append(ans)
+            rows.append((m, lr, w, last, pooled, ans))
+        answer = _worst(answers)
+        m, lr, w, last, pooled, _ = next(r for r in rows if r[5] == answer)
+        key = f"{pct_ci(last['rel_bias'], last['rel_bias_lo'], last['rel_bias_hi'])} at step {int(last['step'])}"
+        if answer == AGREES:
+            text = (f"{fam}: the ensemble mean equals theory within {pct2(last['rel_bias_hi'])} (95% CI) at width {w}, "
+                    f"final step {int(last['step'])}; within {pct2(pooled['rel_bias_hi'])} pooled over steps")
+        elif answer == DIFFERS:
+            text = (f"{fam}: {m}'s ensemble mean differs from theory by {pct_ci(last['rel_bias'], last['rel_bias_lo'], last['rel_bias_hi'])} "
+                    f"at width {w}, final step {int(last['step'])} ({pct_ci(pooled['rel_bias'], pooled['rel_bias_lo'], pooled['rel_bias_hi'])} "
+                    f"pooled over steps): a finite-width bias")
+        else:
+            text = (f"{fam}: {m} neither resolves a bias nor excludes one above {pct2(POWER_REL)}: "
+                    f"{pct_ci(last['rel_bias'], last['rel_bias_lo'], last['rel_bias_hi'])} at width {w}, final step")
+        details = []
+        for m, lr, w, last, pooled, ans in rows:
+            p = s.top_points[(s.top_points["model"] == m) & (s.top_points["lr"] == lr) & s.top_points["z"].notna()]
+            null_med, _ = compare.t_null_pooled(p["draws"])
+            med = p["z"].abs().median()
+            sets = s.agr[(s.agr["model"] == m) & (s.agr["lr"] == lr) & (s.agr["width"] == w) & (s.agr["step"] == last["step"])]
+            per_set = ", ".join(f"{r.eval_set} {pct_ci(r.rel_bias, r.rel_bias_lo, r.rel_bias_hi)}"
+                                for r in sets.set_index("eval_set").loc[s.eval_sets(sets)].reset_index().itertuples())
+            details.append(
+                f"{m} ({ans}; width {w}, {int(last['draws'])} independent draws): bias of the mean "
+                f"{pct_ci(last['rel_bias'], last['rel_bias_lo'], last['rel_bias_hi'])} at the final step (per eval set: {per_set}), "
+                f"{pct_ci(pooled['rel_bias'], pooled['rel_bias_lo'], pooled['rel_bias_hi'])} pooled over steps after "
+                f"initialisation; median |z| {fmt(med)} against {fmt(null_med)} for an ensemble of the infinite-width process"
+                + (f" ({fmt(med / null_med)} times)" if med > Z_AGREE_FACTOR * null_med else ""))
+        out.append(Verdict(f"{q} ({fam})", answer, key, text, "; ".join(details) + "."))
+    return out
 
 
-def width(s: Summary, summary: pd.DataFrame) -> str:
-    """Does the error fall with width? Per model: error, slope and the ensemble's own noise level."""
-    if not len(summary):
-        return "No ensembles to compare."
-    parts, falling, floor_all, n = [], 0, 0, 0
-    for _, r in summary.iterrows():
-        e = s.errors[(s.errors["model"] == r["model"]) & (s.errors["lr"] == r["lr"])].sort_values("width")
-        if not len(e):
-            parts.append(f"{r['model']}: no analytic prediction, no error")
+# ----- error against width -----------------------------------------------------------------
+def _exponent_status(lo: float, hi: float) -> str:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return INCONCLUSIVE
+    if lo <= BIAS_EXPONENT <= hi:
+        return INCONCLUSIVE if lo <= 0 <= hi else AGREES
+    return DIFFERS
+
+
+def width(s: Summary, summary: pd.DataFrame = None) -> list[Verdict]:
+    """Per family: the exponent of the bias of the mean in width, pooled over the steps after
+    initialisation, on and off the data manifold, against the -1 of docs/theory.md §2.4."""
+    q = QUESTION["width"]
+    wf = s.width_fit
+    wf_pooled = wf[wf["step"].isna()] if len(wf) else wf
+    out = []
+    for fam in FAMILIES:
+        models = [(m, lr) for (m, lr) in s.largest if s.arch(m) == fam and ((s.errors["model"] == m) & (s.errors["lr"] == lr)).any()] \
+            if len(s.errors) else []
+        models.sort(key=lambda k: (s.model_order.index(k[0]), k[1]))
+        if not models:
             continue
-        if len(e) < 2:
-            parts.append(f"{r['model']}: one width only, no slope")
+        fits, details = [], []
+        for m, lr in models:
+            e = s.errors[(s.errors["model"] == m) & (s.errors["lr"] == lr)].sort_values("width")
+            parts = []
+            for man in ("on", "off"):
+                r = _row(wf_pooled, model=m, lr=lr, manifold=man) if len(wf_pooled) else None
+                if r is None:
+                    continue
+                st = _exponent_status(r["exponent_lo"], r["exponent_hi"])
+                fits.append((m, man, r, st))
+                half = " (also consistent with -1/2, a random O(1/sqrt(width)) part)" if \
+                    np.isfinite(r["exponent_lo"]) and r["exponent_lo"] <= -0.5 <= r["exponent_hi"] else ""
+                per_step = wf[(wf["model"] == m) & (wf["lr"] == lr) & (wf["manifold"] == man) & wf["step"].notna()]
+                last = per_step.loc[per_step["step"].idxmax()] if len(per_step) else None
+                parts.append(f"{man} the data manifold {num_ci(r['exponent'], r['exponent_lo'], r['exponent_hi'])}{half}"
+                             + (f", at the final step {num_ci(last['exponent'], last['exponent_lo'], last['exponent_hi'])}"
+                                if last is not None else ""))
+            if len(e) < 2:
+                details.append(f"{m}: one width only, no exponent")
+                continue
+            details.append(f"{m} (widths {' '.join(map(str, e['width']))}; bias pooled over steps "
+                           + ", ".join(pct_ci(r.rel_bias, r.rel_bias_lo, r.rel_bias_hi) for r in e.itertuples())
+                           + "): exponent " + ("; ".join(parts) or "n/a"))
+        answers = [f[3] for f in fits if np.isfinite(f[2]["exponent"])]
+        if not answers:
+            answer = INCONCLUSIVE
+            key = "n/a"
+            text = (f"{fam}: fewer than two widths with a resolved bias, so no exponent can be fitted")
+        else:
+            answer = _worst(answers)
+            m, man, r, _ = next(f for f in fits if f[3] == answer and np.isfinite(f[2]["exponent"]))
+            key = num_ci(r["exponent"], r["exponent_lo"], r["exponent_hi"])
+            text = (f"{fam}: the bias of {m}'s mean {'falls as' if answer == AGREES else 'does not fall as' if answer == DIFFERS else 'is not resolved against'} "
+                    f"1/width: exponent {key} (95% CI) {man} the data manifold, pooled over steps"
+                    + ("; consistent with -1/2, the RMS of a random O(1/sqrt(width)) part" if r["exponent_lo"] <= -0.5 <= r["exponent_hi"]
+                       and answer != AGREES else ""))
+        out.append(Verdict(f"{q} ({fam})", answer, key, text, "; ".join(details) + "."))
+    if not out:
+        out.append(Verdict(q, INCONCLUSIVE, "n/a", "No model has an analytic prediction at two widths, so no exponent is fitted."))
+    return out
+
+
+# ----- the augmentation theorem --------------------------------------------------------------
+def _final_and_pooled(s: Summary, a: str, b: str, lr: float, w: int) -> tuple[pd.Series, pd.Series]:
+    rows = s.pairs[(s.pairs["a"] == a) & (s.pairs["b"] == b) & (s.pairs["lr"] == lr) & (s.pairs["width"] == w)]
+    last = compare.pooled_gaps(rows[rows["step"] == rows["step"].max()], ["a", "b", "lr", "width"]).iloc[0]
+    last["step"] = int(rows["step"].max())
+    return last, _row(s.pair_all, a=a, b=b, lr=lr, width=w)
+
+
+def controls(s: Summary, family: str, lr: float) -> list[dict]:
+    """The family's positive controls at their largest width: pairs of kind ``control``."""
+    c = s.pair_all[(s.pair_all["kind"] == "control") & (s.pair_all["lr"] == lr)] if len(s.pair_all) else s.pair_all
+    out = []
+    for (a, b), g in c.groupby(["a", "b"], sort=False) if len(c) else []:
+        if THEOREM_FAMILY.get(s.arch(a)) != family or THEOREM_FAMILY.get(s.arch(b)) != family:
             continue
-        n += 1
-        falling += bool(r["slope_err"] < 0)
-        at_floor = bool((e["rel_err"] <= NOISE_FLOOR_FACTOR * e["rel_noise"]).all())
-        floor_all += at_floor
-        parts.append(
-            f"{r['model']}: {fmt(e['rel_err'].iloc[0])} at width {e['width'].iloc[0]} to {fmt(e['rel_err'].iloc[-1])} "
-            f"at width {e['width'].iloc[-1]}, slope {fmt(r['slope_err'])}, bias-corrected slope {fmt(r['slope_bias'])} "
-            f"(ensemble noise alone: {fmt(e['rel_noise'].iloc[0])} to {fmt(e['rel_noise'].iloc[-1])}"
-            + ("; at the noise floor at every width, so the slope does not measure the finite-width bias)" if at_floor else ")")
-        )
-    return (f"Relative error of the ensemble mean pooled over all eval sets and steps after initialisation, against width "
-            f"(log-log slope; -1 is the O(1/width) bias of docs/theory.md §2, about 0 an error set by the ensemble's own "
-            f"noise; the bias-corrected slope uses sqrt(error^2 - SE^2), n/a where that is zero at some width): the error "
-            f"falls for {falling} of {n} models, and for {floor_all} of {n} it is within {NOISE_FLOOR_FACTOR:g} times the "
-            f"noise of an ensemble of this size at every width. " + "; ".join(parts) + ".")
+        top = g.loc[g["width"].idxmax()]
+        out.append(dict(a=a, b=b, width=int(top["width"]), gap_se=float(top["gap_se"]), analytic=float(top["theory_rel_gap"]),
+                        resolved=bool(top["gap_se"] >= CONTROL_RESOLVE_SE)))
+    return out
 
 
-def theorem(s: Summary) -> str:
-    """Does the augmentation theorem hold at finite width? Gaps of augmented models to their GCNN counterparts."""
-    aug = s.pair_pooled[s.pair_pooled["kind"] == "augmentation"] if len(s.pair_pooled) else s.pair_pooled
+def theorem(s: Summary) -> list[Verdict]:
+    """Per augmented model and GCNN counterpart with equal analytic means: the relative gap of
+    the ensemble means (noise removed) at the largest width, final step and pooled; inconclusive
+    unless the family's positive controls are resolved."""
+    q = QUESTION["theorem"]
+    aug = s.pair_all[s.pair_all["kind"] == "augmentation"] if len(s.pair_all) else s.pair_all
     if not len(aug):
-        return "The study has no augmented model with a GCNN counterpart of the same group and width; the theorem is not tested."
-    groups = {True: [], False: [], None: []}  # analytic means equal (the theorem applies), not, or no theory
-    counts = {True: [0, 0], False: [0, 0], None: [0, 0]}
+        return [Verdict(q, INCONCLUSIVE, "n/a", "The study has no augmented model with a GCNN counterpart of the same "
+                        "group and width (with equal analytic means); the theorem is not tested.")]
+    out = []
     for (a, b, lr), g in aug.groupby(["a", "b", "lr"], sort=False):
-        wmax = g["width"].max()
-        top = g[g["width"] == wmax].set_index("eval_set")
-        equal = None if top["theory_rel_gap"].isna().all() else bool(top["theory_rel_gap"].max() < THEOREM_RTOL)
-        sets = [e for e in s.eval_order if e in top.index]
-        within = [e for e in sets if top.loc[e, "gap_se"] <= GAP_SE_LIMIT]
-        counts[equal][0] += len(within)
-        counts[equal][1] += len(sets)
-        all_w = s.pair_all[(s.pair_all["a"] == a) & (s.pair_all["b"] == b) & (s.pair_all["lr"] == lr)].sort_values("width")
-        trend = ""
-        if len(all_w) >= 2:
-            g0, g1 = all_w["gap_se"].iloc[0], all_w["gap_se"].iloc[-1]
-            trend = f"; pooled over sets {fmt(g0)} SE at width {all_w['width'].iloc[0]} and {fmt(g1)} at {all_w['width'].iloc[-1]}"
-        t = s.pairs[(s.pairs["a"] == a) & (s.pairs["b"] == b) & (s.pairs["lr"] == lr) & (s.pairs["width"] == wmax) & (s.pairs["step"] > 0)]
-        worst = t.loc[t["gap_se"].idxmax()] if len(t) else None
-        groups[equal].append(
-            f"{a} vs {b} at width {wmax}: gap "
-            + ", ".join(f"{e} {fmt(top.loc[e, 'gap_se'])}" for e in sets)
-            + f" combined SE (analytic: relative difference {fmt(top['theory_rel_gap'].max())}, "
-            f"{fmt(top['theory_gap_se'].max())} SE); within {GAP_SE_LIMIT:g} SE on {len(within)} of {len(sets)} eval sets{trend}"
-            + (f"; largest at step {int(worst['step'])} on {worst['eval_set']} ({fmt(worst['gap_se'])} SE)" if worst is not None else "")
-        )
-    text = ("Gap between the ensemble means of each augmented model and its GCNN counterparts, in units of their combined "
-            "standard error, pooled over the steps after initialisation, at the largest common width. ")
-    if groups[True]:
-        h, n = counts[True]
-        text += (f"Where the analytic means agree (relative difference below {THEOREM_RTOL:g}, so the theorem applies), the "
-                 f"measured gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} (pair, eval set) cases: "
-                 + "; ".join(groups[True]) + ". ")
-    elif groups[False]:
-        text += "No pair has equal analytic means, so the theorem's hypothesis holds for none of them. "
-    if groups[False]:
-        h, n = counts[False]
-        text += (f"Where the analytic means differ (a GCNN with another filter prior, or a CNN whose NTK is not jointly "
-                 f"invariant), the gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} cases: " + "; ".join(groups[False]) + ". ")
-    if groups[None]:
-        h, n = counts[None]
-        text += (f"Pairs trained without an analytic counterpart (SGD or cross-entropy, both models alike; the theorem is "
-                 f"proved for full-batch GD on the MSE): the gap is within {GAP_SE_LIMIT:g} SE in {h} of {n} cases: "
-                 + "; ".join(groups[None]) + ".")
-    return text
+        w = int(g["width"].max())
+        last, pooled = _final_and_pooled(s, a, b, lr, w)
+        analytic = pooled["theory_rel_gap"]
+        if np.isfinite(analytic) and analytic >= THEOREM_RTOL:
+            continue  # analytic means differ (a control when far enough apart): not a test of the theorem
+        family = THEOREM_FAMILY.get(s.arch(a), "")
+        ctrl = controls(s, family, lr)
+        ctrl_text = "; ".join(f"control {c['a']} vs {c['b']} (analytic means {pct2(c['analytic'])} apart) "
+                              f"{'resolved' if c['resolved'] else 'NOT resolved'} at {fmt(c['gap_se'])} combined SE, width {c['width']}"
+                              for c in ctrl)
+        measured = _status([last["rel_gap_lo"], pooled["rel_gap_lo"]], [last["rel_gap_hi"], pooled["rel_gap_hi"]])
+        gap_last = pct_ci(last["rel_gap_est"], last["rel_gap_lo"], last["rel_gap_hi"])
+        gap_pooled = pct_ci(pooled["rel_gap_est"], pooled["rel_gap_lo"], pooled["rel_gap_hi"])
+        key = f"{gap_last} at step {last['step']}"
+        head = f"{a} vs {b} at width {w}"
+        if not ctrl:
+            answer = INCONCLUSIVE
+            text = (f"{head}: no positive control in the {family} family (add a non-augmented {s.arch(a)} of group "
+                    f"{s.models.loc[a, 'group']}, or a GCNN whose analytic mean differs), so an equality would mean nothing")
+        elif not all(c["resolved"] for c in ctrl):
+            answer = INCONCLUSIVE
+            miss = next(c for c in ctrl if not c["resolved"])
+            text = (f"{head}: the control {miss['a']} vs {miss['b']} ({pct2(miss['analytic'])} apart in theory) is resolved "
+                    f"at only {fmt(miss['gap_se'])} combined SE (below {CONTROL_RESOLVE_SE:g}); gap {gap_last} at the final step")
+        elif measured == DIFFERS:
+            answer = DIFFERS
+            text = f"{head}: augmented and GCNN means differ by {gap_last} at the final step ({gap_pooled} pooled over steps)"
+        else:
+            answer = measured
+            text = (f"{head}: augmented and GCNN means equal within {pct2(last['rel_gap_hi'])} (95% CI) at the final step, "
+                    f"within {pct2(pooled['rel_gap_hi'])} pooled over steps"
+                    + ("" if answer == AGREES else f"; that bound exceeds {pct2(POWER_REL)}"))
+        sets = s.pair_pooled[(s.pair_pooled["a"] == a) & (s.pair_pooled["b"] == b) & (s.pair_pooled["lr"] == lr)
+                             & (s.pair_pooled["width"] == w)]
+        details = (f"Relative gap of the ensemble means, noise removed: {gap_last} at the final step, {gap_pooled} pooled over "
+                   f"steps after initialisation (per eval set, pooled: "
+                   + ", ".join(f"{r.eval_set} {pct_ci(r.rel_gap_est, r.rel_gap_lo, r.rel_gap_hi)}" for r in sets.itertuples())
+                   + f"); in combined SE {fmt(pooled['gap_se'])} pooled; analytic relative difference {fmt(analytic)}"
+                   + ("" if np.isfinite(analytic) else " (no analytic prediction: SGD or cross-entropy, where the theorem is not proved)")
+                   + (f". Controls: {ctrl_text}." if ctrl else "."))
+        out.append(Verdict(f"{q} ({a} vs {b})", answer, key, text, details))
+    if not out:
+        out.append(Verdict(q, INCONCLUSIVE, "n/a", "No augmented model has a GCNN counterpart with equal analytic means; "
+                           "the theorem is not tested."))
+    return out
 
 
-def invariance(s: Summary) -> str:
-    """Does invariance emerge in the augmented ensembles' mean? Orbit spread against its noise level."""
+# ----- emergent invariance -------------------------------------------------------------------
+def invariance(s: Summary) -> list[Verdict]:
+    """Per augmented model at its largest width: the systematic part of the orbit spread of
+    the ensemble mean (noise removed) with its interval, final step and pooled."""
+    q = QUESTION["invariance"]
     if not len(s.spread):
-        return "No ensembles."
-    parts = []
+        return [Verdict(q, INCONCLUSIVE, "n/a", "No ensembles.")]
+    inv = s.t["invariance"]
+    out, others = [], []
     for model in s.model_order:
         spec = s.models.loc[model]
         for lr in s.lrs:
             sp = s.spread[(s.spread["model"] == model) & (s.spread["lr"] == lr)].sort_values("width")
             if not len(sp) or sp["order"].max() < 2:
                 continue
-            kind = ("augmented" if spec["augmentation"] != "none" else
-                    "equivariant by construction" if spec["arch"] in EQUIVARIANT_ARCHS else "not augmented")
-            first, last = sp.iloc[0], sp.iloc[-1]
-            text = f"{model} ({kind}): {fmt(first['spread'])} at width {first['width']}"
-            if len(sp) >= 2:
-                change = "shrinks" if last["spread"] < first["spread"] else "does not shrink"
-                text += (f" to {fmt(last['spread'])} at width {last['width']} ({change}, slope "
-                         f"{fmt(compare.fit_slope(sp['width'], sp['spread']))})")
-            if last["spread"] < ROUNDING_SPREAD:
-                text += ": invariant up to rounding"
-            elif last["spread"] <= NOISE_FLOOR_FACTOR * last["spread_noise"]:
-                text += (f": within the noise level {fmt(last['spread_noise'])}, so no systematic "
-                         f"non-invariance is resolved")
-            else:
-                systematic = np.sqrt(max(last["spread"] ** 2 - last["spread_noise"] ** 2, 0.0))
-                text += (f": {fmt(last['spread'] / last['spread_noise'])} times the noise level "
-                         f"{fmt(last['spread_noise'])}, a systematic non-invariance of about {fmt(systematic)}")
-            parts.append(text + f"; analytic mean's spread {fmt(last['theory_spread'])}")
-    return ("Orbit spread of each ensemble's mean (RMS over group elements of mean(L_g x) minus its orbit average, "
-            "relative to the RMS of the mean), pooled over eval sets and steps after initialisation. The noise level is "
-            "the spread a perfectly invariant ensemble of this size would show: the member-to-member variance of each "
-            "member's own deviation from its orbit average, over M (correlations across the orbit included; the "
-            "independent-error level where the results predate it). " + "; ".join(parts) + ".")
-
-
-def escnn(s: Summary) -> str:
-    """Does escnn's default basis differ from the canonical GCNN, and do the ensembles resolve it?"""
-    pairs = s.pair_all
-    if not len(pairs):
-        return "The study has no pair of GCNNs of the same architecture and group."
-    esc = pairs[pairs["kind"] == "gcnn"]
-    esc = esc[(esc["a"].map(lambda m: s.models.loc[m, "basis"]) != esc["b"].map(lambda m: s.models.loc[m, "basis"]))]
-    ctrl = pairs[(pairs["kind"] == "gcnn") & ~pairs.index.isin(esc.index)]
-    parts = []
-    for label, frame in (("escnn basis vs canonical", esc), ("canonical supports (control, equal at infinite width)", ctrl)):
-        for (a, b, lr), g in frame.groupby(["a", "b", "lr"], sort=False):
-            top = g.loc[g["width"].idxmax()]
-            resolved = top["gap_se"] > RESOLVE_SE
-            if not np.isfinite(top["theory_gap_se"]):  # no analytic prediction (SGD or cross-entropy)
-                parts.append(f"{label}: {a} vs {b}: no analytic prediction; measured gap {fmt(top['gap_se'])} SE at width "
-                             f"{top['width']}, " + ("resolved" if resolved else "not resolved"))
+            top = sp.iloc[-1]
+            w = int(top["width"])
+            rows = inv[(inv["model"] == model) & (inv["lr"] == lr) & (inv["width"] == w)]
+            last = compare.pooled_spread(rows[rows["step"] == rows["step"].max()], ["model", "lr", "width"]).iloc[0]
+            step = int(rows["step"].max())
+            trend = ", ".join(f"{pct_ci(r.spread_sys, r.spread_sys_lo, r.spread_sys_hi)} at width {r.width}" for r in sp.itertuples())
+            if spec["augmentation"] == "none":
+                kind = "equivariant by construction" if spec["arch"] in EQUIVARIANT_ARCHS else "not augmented"
+                others.append(f"{model} ({kind}): systematic spread {trend}; analytic {fmt(top['theory_spread'])}"
+                              + (": invariant up to rounding" if top["spread"] < ROUNDING_SPREAD else ""))
                 continue
-            resolvable = top["theory_gap_se"] > RESOLVE_SE
-            parts.append(
-                f"{label}: {a} vs {b}: analytic relative difference of the means {fmt(top['theory_rel_gap'])} "
-                f"({fmt(top['theory_gap_se'])} combined SE at width {top['width']}); measured gap {fmt(top['gap_se'])} SE, "
-                + ("resolved" if resolved else "not resolved")
-                + ("" if resolved == resolvable else (" although theory predicts a resolvable difference" if resolvable else
-                                                      " although theory predicts no resolvable difference (finite-width effects)"))
-            )
-    if not len(esc):
-        parts.insert(0, "the study has no escnn-basis GCNN with a canonical counterpart")
-    return (f"Pooled over eval sets and steps after initialisation, at the largest common width (resolved means a gap above "
-            f"{RESOLVE_SE:g} combined SE): " + "; ".join(parts) + ".")
+            answer = _status([last["spread_sys_lo"], top["spread_sys_lo"]], [last["spread_sys_hi"], top["spread_sys_hi"]],
+                             floor=ROUNDING_SPREAD)
+            key = f"{pct_ci(last['spread_sys'], last['spread_sys_lo'], last['spread_sys_hi'])} at step {step}"
+            if answer == AGREES:
+                text = (f"{model}: the ensemble mean is invariant within {pct2(last['spread_sys_hi'])} (95% CI) at width {w}, "
+                        f"final step; within {pct2(top['spread_sys_hi'])} pooled over steps")
+            elif answer == DIFFERS:
+                text = (f"{model}: the ensemble mean is not invariant at width {w}: systematic orbit spread {key} "
+                        f"({pct_ci(top['spread_sys'], top['spread_sys_lo'], top['spread_sys_hi'])} pooled over steps)")
+            else:
+                text = (f"{model}: a systematic orbit spread above {pct2(POWER_REL)} cannot be excluded at width {w}: {key}")
+            out.append(Verdict(f"{q} ({model})", answer, key, text,
+                               f"Systematic orbit spread (noise removed) pooled over steps after initialisation: {trend}; "
+                               f"measured spread {fmt(top['spread'])} against its noise level {fmt(top['spread_noise'])}; "
+                               f"analytic mean's spread {fmt(top['theory_spread'])}."))
+    if not out:
+        out.append(Verdict(q, INCONCLUSIVE, "n/a", "The study has no augmented model with an orbit to measure."))
+    if others:
+        out[-1].details += " Other models: " + "; ".join(others) + "."
+    return out
 
+
+# ----- escnn against canonical -------------------------------------------------------------
+def escnn(s: Summary) -> list[Verdict]:
+    """Per GCNN with escnn's basis and canonical counterpart: the measured relative gap of the
+    means (noise removed) against the analytic one, at the largest width."""
+    q = QUESTION["escnn"]
+    pairs = s.pair_all
+    out = []
+    if len(pairs):
+        basis = s.models["basis"].to_dict()
+        esc = pairs[(pairs["a"].map(basis) != pairs["b"].map(basis))
+                    & pairs["a"].map(s.arch).isin(EQUIVARIANT_ARCHS) & pairs["b"].map(s.arch).isin(EQUIVARIANT_ARCHS)
+                    & (pairs["kind"] != "pairing")]
+        for (a, b, lr), g in esc.groupby(["a", "b", "lr"], sort=False):
+            top = g.loc[g["width"].idxmax()]
+            measured = pct_ci(top["rel_gap_est"], top["rel_gap_lo"], top["rel_gap_hi"])
+            analytic = top["theory_rel_gap"]
+            key = f"{measured} (analytic {pct2(analytic)})" if np.isfinite(analytic) else measured
+            head = f"{a} vs {b} at width {int(top['width'])}"
+            if not np.isfinite(analytic):
+                answer, text = INCONCLUSIVE, f"{head}: no analytic prediction (SGD or cross-entropy); measured gap {measured}"
+            elif not top["rel_gap_lo"] > 0:
+                answer, text = INCONCLUSIVE, (f"{head}: the measured gap {measured} does not resolve the analytic "
+                                              f"{pct2(analytic)} from zero")
+            elif top["rel_gap_lo"] <= analytic <= top["rel_gap_hi"]:
+                answer, text = AGREES, f"{head}: the means differ by {measured} (95% CI), as theory predicts ({pct2(analytic)})"
+            else:
+                answer, text = DIFFERS, f"{head}: the means differ by {measured} (95% CI), theory predicts {pct2(analytic)}"
+            out.append(Verdict(f"{q} ({a} vs {b})", answer, key, text,
+                               f"Pooled over eval sets and steps after initialisation: gap {fmt(top['gap_se'])} combined SE, "
+                               f"analytic {fmt(top['theory_gap_se'])} SE."))
+    if not out:
+        out.append(Verdict(q, INCONCLUSIVE, "n/a", "The study has no GCNN with escnn's basis and a canonical counterpart."))
+    return out
+
+
+# Each question's verdicts, in page order.
+QUESTIONS = {"agreement": agreement, "width": width, "theorem": theorem, "invariance": invariance, "escnn": escnn}

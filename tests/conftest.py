@@ -236,3 +236,25 @@ def closed_form_kernel_fn():
 def make_results():
     """``make_results(root) -> root``: writes the synthetic study's results directory at ``root``."""
     return write_synthetic_results
+
+
+# ----- the synthetic study with quiet ensembles ------------------------------------------------
+from dataclasses import replace as _replace  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def make_quiet_results():
+    """``make_quiet_results(root, noise=1e-4) -> root``: the synthetic study's results directory
+    (same offsets and biases as ``make_results``) with members only ``noise`` apart, so that
+    every bias and gap it was built with is resolved by the analysis."""
+
+    def make(root: Path, noise: float = 1e-4) -> Path:
+        global SYNTHETIC
+        saved = SYNTHETIC
+        SYNTHETIC = _replace(saved, noise=noise)
+        try:
+            return write_synthetic_results(root)
+        finally:
+            SYNTHETIC = saved
+
+    return make

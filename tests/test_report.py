@@ -1,10 +1,14 @@
 """The HTML report: its files, verdicts that follow the numbers, and that a real browser renders it.
 
-Uses the synthetic results directory of conftest's ``make_results`` (closed-form kernels, known offsets).
+Uses the synthetic results directories of conftest's ``make_results`` (closed-form kernels, known
+offsets, members 0.05 apart: too noisy to resolve the biases it was built with) and
+``make_quiet_results`` (the same, members 1e-4 apart: every bias resolved).
 """
 
 from __future__ import annotations
 
+import json
+import html
 import re
 import shutil
 import subprocess
@@ -16,7 +20,7 @@ import pandas as pd
 import pytest
 
 from analysis import verdicts
-from analysis.summary import Summary, fmt, summary_table
+from analysis.summary import Summary, fmt, pct2, summary_table
 from eqntk import pipeline
 from eqntk.store import ResultStore
 
@@ -27,6 +31,18 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 def page(tmp_path_factory, make_results, closed_form_kernel_fn) -> Path:
     out = make_results(tmp_path_factory.mktemp("report") / "run")
     return pipeline.report(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def quiet(tmp_path_factory, make_quiet_results, closed_form_kernel_fn) -> tuple[dict, dict, Path]:
+    """``(tables, resolved, page)`` of the quiet synthetic study."""
+    out = make_quiet_results(tmp_path_factory.mktemp("report") / "quiet")
+    page = pipeline.report(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
+    return pipeline.load_tables(out), ResultStore(out).resolved_study(), page
+
+
+def by_question(vs: list) -> dict:
+    return {v.question: v for v in vs}
 
 
 def img_sources(text: str) -> list[str]:
@@ -44,6 +60,10 @@ def test_files_and_no_external_resources(page):
     assert (page.parent / "summary.csv").is_file()
     summary = pd.read_csv(page.parent / "summary.csv")
     assert list(summary["model"]) == ["mlp_aug", "group_mlp", "group_mlp_full", "mlp_plain", "mlp_random"]
+    assert len(summary.columns) <= 8  # the page's summary table fits the page; the rest is in details.csv
+    assert (page.parent / "details.csv").is_file() and (page.parent / "width_fit.csv").is_file()
+    table = re.search(r"<table[^>]*summary.*?</table>", text, re.S).group(0)
+    assert table.count("<th>") <= 8
     # the diverged and the failed unit are listed
     assert text.count("diverged") >= 2 and "synthetic failure" in text
 
@@ -59,19 +79,87 @@ def test_verdicts_follow_the_numbers(page):
     text = page.read_text()
     for v in summary["median_abs_z"]:
         assert fmt(v) in text
-    assert "within 3 SE in 8 of 8" in verdicts.theorem(s)
-    assert "falls for 5 of 5 models" in verdicts.width(s, summary)
+    # members 0.05 apart and 2-4 draws: no bias of 0.4/32 can be resolved, none excluded above 10%
+    agr = verdicts.agreement(s)
+    assert [v.answer for v in agr] == ["inconclusive", "inconclusive"]  # families mlp, group_mlp
+    # the MLP control (mlp_plain vs group_mlp) is not resolved at 5 combined SE: every theorem verdict is inconclusive
+    th = verdicts.theorem(s)
+    assert len(th) == 4 and {v.answer for v in th} == {"inconclusive"}
+    assert all("control mlp_plain vs group_mlp" in v.text and "below 5" in v.text for v in th)
+    # each verdict opens with its answer and key number on the page
+    for v in agr + th:
+        assert f"<span class='answer {v.answer}'>{v.answer}</span>: {v.key}" in text.replace("&#x27;", "'")
 
-    # push the augmented ensemble's mean far from the GCNN's: the theorem verdict must say so
-    bad = {k: v.copy() for k, v in tables.items()}
-    bad["pairs"]["diff_ss"] *= 1e8  # gaps 1e4 times larger
-    bad["pairs"] = bad["pairs"].pipe(lambda d: d.assign(gap_se=np.sqrt(d["diff_ss"] / d["comb_ss"])))
-    assert "within 3 SE in 0 of 8" in verdicts.theorem(Summary(bad, resolved))
-    # z-scores far beyond the null make the agreement verdict say "deviates"
-    bad = {k: v.copy() for k, v in tables.items()}
-    bad["points"]["z"] *= 1e3
-    assert "deviates from theory" in verdicts.agreement(Summary(bad, resolved))
-    assert "deviates" not in verdicts.agreement(s)
+
+def test_verdicts_json(page):
+    records = json.loads((page.parent / "verdicts.json").read_text())
+    assert records and all(set(r) == {"question", "answer", "key", "text"} for r in records)
+    assert {r["answer"] for r in records} <= {"agrees", "differs", "inconclusive"}
+    text = page.read_text()
+    # in page order, each with its one-line text on the page
+    positions = [text.find(html.escape(r["text"].rstrip("."))) for r in records]
+    assert -1 not in positions and positions == sorted(positions)
+
+
+def test_verdict_words_switch(quiet):
+    """On the quiet study every number the verdicts print is known: they say "differs" where
+    the construction put a difference, "agrees" where it did not, "inconclusive" without power
+    or without a control."""
+    tables, resolved, page = quiet
+    s = Summary(tables, resolved)
+    # the ensemble means sit at mu (1 + b / width): biases 0.4/32 (mlp_aug) and 0.2/32 (group_mlp)
+    agr = by_question(verdicts.agreement(s))
+    mlp = agr["Does the finite ensemble agree with theory at the largest width? (mlp)"]
+    assert mlp.answer == "differs" and mlp.key.startswith(pct2(s.errors_by_step.query(
+        "model == 'mlp_aug' and width == 32 and step == 20")["rel_bias"].iloc[0]))
+    assert abs(s.errors_by_step.query("model == 'mlp_aug' and width == 32 and step == 20")["rel_bias"].iloc[0] - 0.4 / 32) < 1e-3
+    # no excess error at all: the mean equals theory within a small bound
+    flat = {k: v.copy() for k, v in tables.items()}
+    flat["agreement"]["err_ss"] = flat["agreement"]["se_ss"]
+    ok = by_question(verdicts.agreement(Summary(flat, resolved)))["Does the finite ensemble agree with theory at the largest width? (mlp)"]
+    assert ok.answer == "agrees" and "equals theory within" in ok.text
+
+    # the bias falls exactly as 1/width: exponent -1; made to fall as 1/sqrt(width), it differs
+    wd = by_question(verdicts.width(s))
+    assert wd["Does the finite-width bias of the mean fall as 1/width? (mlp)"].answer == "agrees"
+    assert wd["Does the finite-width bias of the mean fall as 1/width? (mlp)"].key.startswith("-1 [")
+    slow = {k: v.copy() for k, v in tables.items()}
+    a = slow["agreement"]
+    a.loc[a["width"] == 32, "err_ss"] *= 4  # bias at 32 twice as large: exponent -1/2
+    wd = by_question(verdicts.width(Summary(slow, resolved)))
+    v = wd["Does the finite-width bias of the mean fall as 1/width? (mlp)"]
+    assert v.answer == "differs" and v.key.startswith("-0.5") and "consistent with -1/2" in v.text
+
+    # the theorem: augmented and GCNN means differ by (0.4 - 0.2)/32 at width 32, resolved
+    th = by_question(verdicts.theorem(s))
+    v = th["Does the augmentation theorem hold at finite width? (mlp_aug vs group_mlp)"]
+    assert v.answer == "differs" and "resolved" in v.details
+    gap = s.pair_all.query("a == 'mlp_aug' and b == 'group_mlp' and width == 32").iloc[0]
+    assert gap["rel_gap_lo"] <= 0.2 / 32 <= gap["rel_gap_hi"]
+    # no gap beyond the noise: equal within a stated bound (the upper end of the interval)
+    same = {k: v.copy() for k, v in tables.items()}
+    p = same["pairs"]
+    p.loc[p["kind"] == "augmentation", "diff_ss"] = p.loc[p["kind"] == "augmentation", "comb_ss"]
+    v = by_question(verdicts.theorem(Summary(same, resolved)))["Does the augmentation theorem hold at finite width? (mlp_aug vs group_mlp)"]
+    assert v.answer == "agrees" and "augmented and GCNN means equal within" in v.text and "(95% CI)" in v.text
+    # without its positive control the same numbers are inconclusive, and the verdict names the missing control
+    same["pairs"] = p[p["kind"] != "control"]
+    v = by_question(verdicts.theorem(Summary(same, resolved)))["Does the augmentation theorem hold at finite width? (mlp_aug vs group_mlp)"]
+    assert v.answer == "inconclusive" and "no positive control" in v.text and "non-augmented mlp" in v.text
+
+    # invariance: the augmented means are invariant (to rounding); a 10% orbit spread is not
+    inv = by_question(verdicts.invariance(s))
+    assert inv["Does invariance emerge in the augmented ensembles' mean? (mlp_aug)"].answer == "agrees"
+    spread = {k: v.copy() for k, v in tables.items()}
+    i = spread["invariance"]
+    i.loc[i["model"] == "mlp_aug", "dev_ss"] = 0.01 * i.loc[i["model"] == "mlp_aug", "mean_ss"]
+    v = by_question(verdicts.invariance(Summary(spread, resolved)))["Does invariance emerge in the augmented ensembles' mean? (mlp_aug)"]
+    assert v.answer == "differs" and v.key.startswith("10%")
+
+    # no escnn-basis GCNN in this study
+    assert [v.answer for v in verdicts.escnn(s)] == ["inconclusive"]
+    records = json.loads((page.parent / "verdicts.json").read_text())
+    assert [r["answer"] for r in records] == [v.answer for q in verdicts.QUESTIONS.values() for v in q(s)]
 
 
 def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
