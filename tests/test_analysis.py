@@ -259,3 +259,107 @@ def test_real_study_end_to_end(tmp_path, tiny_study):
     inv = t["invariance"]
     eq = inv[inv["model"].isin(["group_mlp", "gcnn"]) & (inv["step"] > 0)]
     assert eq["spread"].max() < 1e-5 and eq["theory_spread"].max() < 1e-10
+
+
+# ----- the noise removed: intervals against known biases ------------------------------------
+@pytest.mark.parametrize("correlation", [0.0, 0.5, 1.0])
+def test_excess_interval_covers_the_true_bias(correlation):
+    """Monte Carlo: ensembles of 8 Gaussian draws at 40 points whose noise is correlated across
+    points (0: independent, 1: one shared draw), around a known bias. The interval for B^2 holds
+    the truth in at least 95% of repeats whatever the correlation (docs/theory.md §5.4)."""
+    from analysis import compare
+
+    rng = np.random.default_rng(7)
+    n, d, reps = 40, 8, 400
+    bias = np.sin(np.arange(n))  # B^2 = sum bias^2, about 20
+    sigma = 1.0 + 0.5 * np.cos(np.arange(n))
+    covered, lo_pos = 0, 0
+    for _ in range(reps):
+        shared = rng.standard_normal((d, 1))
+        own = rng.standard_normal((d, n))
+        draws = bias + sigma * (np.sqrt(correlation) * shared + np.sqrt(1 - correlation) * own)
+        mean, se2 = draws.mean(0), draws.var(0, ddof=1) / d
+        e_ss, s_ss = np.sum(mean**2), np.sum(se2)
+        est, lo, hi = compare.excess_interval(e_ss, s_ss, compare.se_ss_var(s_ss, d))
+        covered += lo <= np.sum(bias**2) <= hi
+        lo_pos += lo > 0
+    assert covered / reps >= 0.95
+    assert lo_pos > 0  # and the bias is resolved in some repeats (B^2 about 20 against S about 5.6)
+
+
+def test_excess_interval_limits():
+    from analysis import compare
+
+    # no noise: the interval is the point itself
+    est, lo, hi = compare.excess_interval(4.0, 0.0, 0.0)
+    assert est == lo == hi == 4.0
+    # an error below the noise: no excess, but an upper bound (the smallest bias it could have shown)
+    est, lo, hi = compare.excess_interval(0.5, 1.0, 0.0)
+    assert est == -0.5 and lo == 0 and hi > 0
+
+
+def test_fit_exponent_exact_and_unresolved():
+    from analysis import compare
+
+    w = np.array([8, 32, 128])
+    b2 = (2.0 / w) ** 2
+    slope, lo, hi = compare.fit_exponent(w, b2, 0.9 * b2, 1.1 * b2)
+    assert abs(slope + 1) < 1e-12 and lo < -1 < hi and hi - lo < 0.2
+    # a width whose bias is not resolved (lower end 0) is left out; one width left: no exponent
+    assert np.isnan(compare.fit_exponent(w[:2], b2[:2], [0.0, 0.9 * b2[1]], 1.1 * b2[:2])[0])
+
+
+@pytest.fixture(scope="module")
+def quiet(tmp_path_factory, make_quiet_results, closed_form_kernel_fn) -> Path:
+    out = make_quiet_results(tmp_path_factory.mktemp("analysis") / "quiet")
+    pipeline.analyze(out, kernel_fn=closed_form_kernel_fn, workers=1, log=lambda *_: None)
+    return out
+
+
+def test_bias_interval_and_exponent_on_the_quiet_study(quiet, synthetic_study):
+    """Members 1e-4 apart around mu (1 + b/width): the relative bias with the noise removed is
+    b/width, inside its 95% interval, resolved, per step and eval set; its exponent in width is -1."""
+    a = read(quiet, "agreement")
+    late = a[a["step"] > 0]
+    true = late["model"].map(synthetic_study.bias) / late["width"]
+    assert ((late["rel_bias_lo"] <= true) & (true <= late["rel_bias_hi"])).all()
+    last = late["step"] == late["step"].max()  # early on mu is small and the 1e-4 noise still counts
+    assert (late.loc[last, "rel_bias_lo"] > 0).all()
+    np.testing.assert_allclose(late.loc[last, "rel_bias"], true[last], rtol=0.05)
+    c = read(quiet, "convergence")
+    c = c[c["step"].isna() | (c["step"] == c["step"].max())]  # pooled and the final step: resolved at both widths
+    assert ((c["exponent_bias_lo"] <= -1) & (-1 <= c["exponent_bias_hi"])).all()
+    np.testing.assert_allclose(c["exponent_bias"], -1.0, atol=0.1)
+    # pooled over steps, eval sets as well
+    from analysis import compare
+    pooled = compare.pooled_errors(a, ["model", "width"])
+    true = pooled["model"].map(synthetic_study.bias) / pooled["width"]
+    assert ((pooled["rel_bias_lo"] <= true) & (true <= pooled["rel_bias_hi"])).all()
+
+
+def test_pair_gap_interval_and_controls_on_the_quiet_study(quiet, synthetic_study):
+    """The gap of mlp_aug and group_mlp is mu (0.4 - 0.2)/width (their analytic means are equal):
+    inside its interval and resolved. mlp_plain against a GCNN is a control: analytic means apart."""
+    from analysis import compare
+
+    g = read(quiet, "pairs")
+    pair = g[(g["a"] == "mlp_aug") & (g["b"] == "group_mlp") & (g["step"] > 0)]
+    true = (synthetic_study.bias["mlp_aug"] - synthetic_study.bias["group_mlp"]) / pair["width"]
+    assert ((pair["rel_gap_lo"] <= true) & (true <= pair["rel_gap_hi"])).all()
+    last = pair["step"] == pair["step"].max()
+    np.testing.assert_allclose(pair.loc[last, "rel_gap_est"], true[last], rtol=0.05)
+    assert (pair.loc[last, "rel_gap_lo"] > 0).all()
+    ctrl = g[g["kind"] == "control"]
+    assert set(zip(ctrl["a"], ctrl["b"])) == {("mlp_plain", "group_mlp"), ("mlp_plain", "group_mlp_full")}
+    late = ctrl[ctrl["step"] > 0]
+    assert (late["theory_rel_gap"] > compare.CONTROL_REL_GAP).all()
+    # a candidate control whose analytic means agree is no control: dropped
+    fake = g.assign(kind=np.where(g["kind"] == "gcnn", "control", g["kind"]), mu_diff_ss=g["mu_diff_ss"])
+    relabelled = compare.label_controls(fake)
+    assert not ((relabelled["a"] == "group_mlp") & (relabelled["b"] == "group_mlp_full")).any()
+    # the systematic orbit spread of the augmented mean is rounding, the plain MLP's is the analytic one
+    inv = read(quiet, "invariance")
+    inv = inv[inv["step"] > 0]
+    assert inv.loc[inv["model"] == "mlp_aug", "spread_sys_hi"].max() < 1e-5
+    plain = inv[inv["model"] == "mlp_plain"]
+    assert ((plain["spread_sys_lo"] <= plain["theory_spread"] * 1.0001) & (plain["theory_spread"] <= plain["spread_sys_hi"])).all()
