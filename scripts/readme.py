@@ -142,8 +142,9 @@ def summary_block(path: Path) -> str:
         if c in SUMMARY_HIDDEN:
             continue
         name, f, ref = SUMMARY_COLUMNS.get(c, (c, sig3, None))
-        ref = ref if ref in df.columns else None
-        header.append(name if ref or c not in SUMMARY_COLUMNS or "(" not in name else name.split(" (")[0])
+        if ref and ref not in df.columns:  # its reference is gone: the value alone, no brackets
+            name, ref = name.split(" (")[0], None
+        header.append(name)
         right.append(c != "model" and pd.api.types.is_numeric_dtype(df[c]))
         columns.append((c, f, ref))
     rows = [[f(r[c]) + (f" ({f(r[ref])})" if ref else "") for c, f, ref in columns] for _, r in df.iterrows()]
@@ -266,7 +267,9 @@ def gaps_block(out: Path) -> str:
         return ""
     top = p.groupby(["a", "b"])["width"].transform("max")
     g = pooled_gaps(p[p["width"] == top], ["a", "b", "width", "eval_set"])
-    order = list(dict.fromkeys(p["eval_set"]))
+    cfg = json.loads((out / "study.json").read_text())["config"]
+    order = ["train"] + [e["name"] for e in cfg["data"].get("eval", [])]  # the study's order
+    order = [e for e in order if e in set(p["eval_set"])] + sorted(set(p["eval_set"]) - set(order))
     pairs = list(dict.fromkeys(zip(p["a"], p["b"])))
     rows = []
     for a, b in pairs:
@@ -494,7 +497,7 @@ def run_study(name: str, out: Path) -> None:
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux; the largest process so far
     found = {key: re.search(pattern, log) for key, pattern in (
         ("training_seconds", r"^\d+ units: .* in ([\d.]+) s"), ("report_seconds", r"^report: .* \(([\d.]+) s\)$"))}
-    record = dict(study=str(STUDIES[name].relative_to(ROOT)), wall_seconds=round(wall, 1),
+    record = dict(study=str(STUDIES[name]).removeprefix(f"{ROOT}/"), wall_seconds=round(wall, 1),
                   peak_rss_bytes=rss * 1024 if rss > rss_before else None, machine=machine(), load_average=before_load,
                   **{k: float(m.group(1)) for k, m in found.items() if m})
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

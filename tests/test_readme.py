@@ -167,6 +167,31 @@ def test_regression_tables_and_pairs(tmp_path):
     assert "kernels: cnn 10 s, cnn_aug 20 s, gcnn 30 s, 60 s in all" in readme.run_facts(out)
 
 
+def test_so3_blocks_summary_and_gaps_in_study_order(builtin):
+    blocks, images = readme.render({"so3": builtin})
+    assert sorted(blocks) == ["so3-gaps", "so3-run", "so3-summary"] and not images
+    gaps = blocks["so3-gaps"].splitlines()
+    assert "| pair | width | train | noise |" in gaps  # train first, then the study's eval sets
+    assert any(line.startswith("| mlp_aug vs group_mlp | 32 |") for line in gaps)
+
+
+def test_run_records_what_the_directory_lacks(tmp_path, monkeypatch, regression_small_study):
+    """``--run`` runs the study into a fresh directory, records the run beside it and renders."""
+    study = tmp_path / "regression_small.yaml"
+    study.write_text(regression_small_study)
+    monkeypatch.setitem(readme.STUDIES, "regression", study)
+    monkeypatch.setattr(readme.tempfile, "tempdir", str(tmp_path))
+    md = tmp_path / "README.md"
+    md.write_text(page(REGRESSION_BLOCKS))
+    assert readme.main(["--run", "regression", "--readme", str(md)]) == 0
+    (out,) = tmp_path.glob("readme-results-*/regression")
+    record = json.loads((out / "readme_run.json").read_text())
+    assert record["wall_seconds"] > 0 and record["machine"]["cpus"] == os.cpu_count()
+    text = md.read_text()
+    assert "end to end: " in text and "load average before the run" in text and "| n | cnn NTK, t = inf |" in text
+    assert readme.main(["--check", "--regression", str(out), "--readme", str(md)]) == 0
+
+
 # ----- the command: write, --check, text outside the markers ---------------------------------
 def test_check_fails_on_stale_blocks_and_passes_after_writing(builtin, tmp_path):
     reg = regression_dir(tmp_path / "reg")
