@@ -237,6 +237,13 @@ class DataConfig(TrainDataConfig):
         return self
 
 
+# Bounds that keep a study file's sizes from turning validation itself into the work: each
+# log evaluates every member on every orbit point and writes a row per point, and each unit
+# is a Ray task and a Parquet part. Larger studies are split into several study files.
+MAX_LOGS = 10_000
+MAX_UNITS = 100_000
+
+
 class LogSpaced(_Strict):
     """``count`` steps spaced logarithmically from 1 to ``steps``, plus step 0."""
 
@@ -510,6 +517,12 @@ class EnsembleStudy(StudyBase):
             raise ValueError(
                 f"members_per_unit {self.members_per_unit} must be between 1 and ensemble_size {self.ensemble_size}"
             )
+        logs = self.log_steps.count if isinstance(self.log_steps, LogSpaced) else len(self.log_steps)
+        if logs > MAX_LOGS:
+            raise ValueError(
+                f"log_steps: {logs} logs is more than {MAX_LOGS} (each evaluates every member on every eval point); "
+                "log fewer steps, e.g. log_steps: {count: 16}"
+            )
         if isinstance(self.log_steps, list):
             bad = [s for s in self.log_steps if s < 0 or s > self.steps]
             if bad:
@@ -521,6 +534,14 @@ class EnsembleStudy(StudyBase):
         return {**super()._model_defaults(), **({"pairing": self.pairing} if self.pairing else {})}
 
     def _check_specs(self, specs: list[ModelSpec]) -> None:
+        units = sum(len(self.widths_of(s.name)) * len(self.lrs_of(s.name))
+                    * -(-self.ensemble_size_of(s.name) // min(self.unit_size, self.ensemble_size_of(s.name)))
+                    for s in specs)
+        if units > MAX_UNITS:
+            raise ValueError(
+                f"members_per_unit: the study expands to {units} work units, more than {MAX_UNITS}; "
+                "raise members_per_unit, or lower ensemble_size or the number of widths and learning rates"
+            )
         # antithetic pairs are members (2k, 2k + 1): whole pairs in the ensemble and in every unit
         for i, spec in enumerate(specs):
             if spec.pairing != "antithetic":

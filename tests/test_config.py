@@ -56,6 +56,16 @@ NPZ_STUDY = replace(GOOD, "train: {source: digits, n: 8}", "train: {source: npz,
 
 # (case id, study text, extra files, words the message must contain)
 CASES = [
+    # absurd sizes are refused from arithmetic, before anything of that size is built
+    ("a billion members in one unit", replace(GOOD, "ensemble_size: 4", "ensemble_size: 1000000000"), {},
+     ["members_per_unit", "GB", "set members_per_unit:"]),
+    ("tens of millions of units",
+     replace(GOOD, "ensemble_size: 4", "ensemble_size: 1000000000\nmembers_per_unit: 32"), {},
+     ["members_per_unit", "work units", "raise members_per_unit"]),
+    ("a hundred million logs", replace(replace(GOOD, "steps: 20", "steps: 1000000000"), "log_steps: [0, 5, 20]",
+                                       "log_steps: {count: 100000000}"), {}, ["log_steps", "logs", "count: 16"]),
+    ("a width no machine holds", replace(GOOD, "widths: [8, 16]", "widths: [100000000]"), {},
+     ["widths", "GB", "smaller widths"]),
     ("antithetic pairs of an odd ensemble", replace(GOOD, "ensemble_size: 4", "ensemble_size: 5\npairing: antithetic"), {},
      ["ensemble_size", "antithetic pairs", "even"]),
     ("antithetic pairs split between units",

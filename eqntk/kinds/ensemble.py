@@ -20,6 +20,7 @@ from typing import Union
 from study.config import EnsembleStudy, StudyError, load_study, study_from_dict
 from study.data import build_data
 from study.grid import expand
+from workers.footprint import machine_bytes, member_bytes, unit_bytes
 
 from .. import pipeline
 from ..runner import run_units
@@ -36,12 +37,39 @@ class Prepared:
         self.cfg: EnsembleStudy = load_study(path)
         self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
         self.cfg.check_inputs(self.data.input_shape, str(path), n_train=len(self.data.train_x))
+        check_unit_memory(self.cfg, self.data.input_shape, self.data.n_out, str(path))
         self.digest = self.data.digest()
         self.units = expand(self.cfg, self.digest)
 
     @property
     def resolved(self) -> dict:
         return resolved_study(self.cfg, self.digest)
+
+
+def check_unit_memory(cfg: EnsembleStudy, input_shape: tuple, n_out: int, origin: str) -> None:
+    """Refuse, before any work, a unit whose predicted memory (``workers.footprint``) exceeds
+    this machine's: its largest width and largest member range are checked for every model."""
+    ram = machine_bytes()
+    gb = lambda b: f"{b / 2**30:.3g}"
+    for i, spec in enumerate(cfg.model_specs):
+        width = max(cfg.widths_of(spec.name))
+        members = min(cfg.unit_size, cfg.ensemble_size_of(spec.name))
+        need = unit_bytes(spec, width, members, input_shape, n_out, cfg.dtype)
+        if need <= ram:
+            continue
+        one = unit_bytes(spec, width, 1, input_shape, n_out, cfg.dtype)
+        if one > ram:
+            raise StudyError(
+                f"{origin}: widths: one member of {spec.name} (models.{i}) at width {width} needs about {gb(one)} GB, "
+                f"more than this machine's {gb(ram)} GB; use smaller widths"
+            )
+        fit = int((ram - (one - member_bytes(spec, width, input_shape, n_out, cfg.dtype))) // member_bytes(
+            spec, width, input_shape, n_out, cfg.dtype))
+        fit -= fit % 2 if spec.pairing == "antithetic" else 0
+        raise StudyError(
+            f"{origin}: members_per_unit: a unit of {members} members of {spec.name} (models.{i}) at width {width} "
+            f"needs about {gb(need)} GB, more than this machine's {gb(ram)} GB; set members_per_unit: {max(fit, 1)} or less"
+        )
 
 
 def resolved_study(cfg: EnsembleStudy, digest: str) -> dict:
