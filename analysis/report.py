@@ -83,7 +83,7 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
         wmax = pair_top.groupby(["a", "b", "lr"])["width"].transform("max")
         pair_top = pair_top[pair_top["width"] == wmax][["a", "b", "kind", "width", "eval_set", "gap_se",
                                                         "rel_gap_est", "rel_gap_lo", "rel_gap_hi", "theory_rel_gap"]]
-    conv = tables["convergence"]
+    conv = s.t["convergence"]
     conv = conv[conv["step"].isna()].drop(columns=["step"])
     rank = {m: i for i, m in enumerate(s.model_order)}
     conv = conv.sort_values(["model", "lr", "eval_set"], key=lambda c: c.map(rank) if c.name == "model" else c)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from study.config import study_from_dict
 from study.spec import GROUP_ARCHS
 
 from . import compare
@@ -82,13 +83,31 @@ def width_fits(agr: pd.DataFrame, manifold: dict[str, str]) -> pd.DataFrame:
     return out
 
 
+def upgrade(tables: dict[str, pd.DataFrame], resolved: dict) -> dict[str, pd.DataFrame]:
+    """Tables written by an earlier ``analyze`` (reused while their units are unchanged) with the
+    columns this report reads: ``draws`` (one draw a member before antithetic pairs), and, when
+    the noise-removed sizes, exponents or the ``control`` kind are missing, the comparison
+    tables rebuilt from ``points`` and the study's models."""
+    t = dict(tables)
+    for name in ("points", "agreement"):
+        t[name] = compare.with_draws(t[name])
+    current = ("bias2" in t["agreement"] and "exponent_bias" in t["convergence"] and "spread_sys" in t["invariance"]
+               and "rel_gap_lo" in t["pairs"])
+    if current or not len(t["points"]):
+        return t
+    specs = study_from_dict(resolved["config"]).model_specs
+    t["agreement"] = compare.agreement(t["points"])
+    t["convergence"] = compare.convergence(t["agreement"])
+    t["invariance"] = compare.orbit_spread(t["points"])
+    t["pairs"] = compare.label_controls(compare.pair_gaps(t["points"], compare.model_pairs(specs)))
+    return t
+
+
 class Summary:
     """Numbers the plots and verdicts share, computed once from the tables."""
 
     def __init__(self, tables: dict[str, pd.DataFrame], resolved: dict):
-        tables = dict(tables)  # tables written before antithetic pairs have no ``draws``: one draw a member
-        for name in ("points", "agreement"):
-            tables[name] = compare.with_draws(tables[name])
+        tables = upgrade(tables, resolved)
         self.t = tables
         self.resolved = resolved
         self.models = tables["models"].set_index("model")

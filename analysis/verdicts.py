@@ -203,8 +203,9 @@ def width(s: Summary, summary: pd.DataFrame = None) -> list[Verdict]:
             answer = _worst(answers)
             m, man, r, _ = next(f for f in fits if f[3] == answer and np.isfinite(f[2]["exponent"]))
             key = num_ci(r["exponent"], r["exponent_lo"], r["exponent_hi"])
-            text = (f"{fam}: the bias of {m}'s mean {'falls as' if answer == AGREES else 'does not fall as' if answer == DIFFERS else 'is not resolved against'} "
-                    f"1/width: exponent {key} (95% CI) {man} the data manifold, pooled over steps"
+            verb = {AGREES: "falls as 1/width", DIFFERS: "does not fall as 1/width",
+                    INCONCLUSIVE: "may fall as 1/width or not at all"}[answer]
+            text = (f"{fam}: the bias of {m}'s mean {verb}: exponent {key} (95% CI) {man} the data manifold, pooled over steps"
                     + ("; consistent with -1/2, the RMS of a random O(1/sqrt(width)) part" if r["exponent_lo"] <= -0.5 <= r["exponent_hi"]
                        and answer != AGREES else ""))
         out.append(Verdict(f"{q} ({fam})", answer, key, text, "; ".join(details) + "."))
