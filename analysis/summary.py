@@ -37,7 +37,9 @@ def pct(x) -> str:
 
 def pct2(x) -> str:
     """A relative size in percent to two significant digits (``1.2%``, ``0.031%``)."""
-    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.2g}%"
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{100 * x:.0f}%" if abs(x) >= 0.1 else f"{100 * x:.2g}%"  # 140%, not 1.4e+02%
 
 
 def pct_ci(est, lo, hi) -> str:
