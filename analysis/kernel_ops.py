@@ -10,6 +10,7 @@ pixel map ``R_g`` as ``study.groups.Group`` acts on images.
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import product
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "window_rotations",
     "axis_maps",
     "diagonal_shift_sum",
+    "tap_weighted_shift_sum",
     "TorusCorrelation",
 ]
 
@@ -146,6 +148,39 @@ def diagonal_shift_sum(x: torch.Tensor, k: int, padding: str, ap: int, aq: int |
                     o.copy_(v)
                 else:
                     o.add_(v)
+    return out
+
+
+def tap_weighted_shift_sum(x: torch.Tensor, weights: np.ndarray, padding: str, row_axes: tuple[int, ...],
+                           col_axes: tuple[int, ...]) -> torch.Tensor:
+    """``out = sum_{(a, b)} weights[a, b] x`` shifted by the tap's offset ``(a - lo, b - lo)``:
+    every axis of ``row_axes`` by ``a - lo`` and every axis of ``col_axes`` by ``b - lo``.
+
+    The per-tap form of two ``diagonal_shift_sum`` passes (rows, then columns), which need
+    equal weights on every tap: for a right-invariant kernel ``[.., H, W, H, W]`` with
+    ``row_axes = (-4, -2)``, ``col_axes = (-3, -1)`` it is
+    ``out(p, q) = sum_t w_t x(p + delta_t, q + delta_t)``; for ``positions`` ``[.., H, W]`` use
+    ``(-2,)`` and ``(-1,)``. Padding as ``diagonal_shift_sum``; taps of weight 0 cost nothing.
+    """
+    k = weights.shape[0]
+    lo, _ = offsets(k)
+    row_axes = tuple(a % x.ndim for a in row_axes)
+    col_axes = tuple(a % x.ndim for a in col_axes)
+    shape = list(x.shape)
+    for a in row_axes + col_axes:
+        shape[a] = out_size(x.shape[a], k, padding)
+    out = scratch.empty(shape).zero_()
+    for a, b in product(range(k), range(k)):
+        w = float(weights[a, b])
+        if w == 0.0:
+            continue
+        moves = [(ax, a - lo) for ax in row_axes] + [(ax, b - lo) for ax in col_axes]
+        runs = [_segments(x.shape[ax], shape[ax], d, padding, lo) for ax, d in moves]
+        for blocks in product(*runs):
+            o, v = out, x
+            for (ax, _), (o_start, i_start, length) in zip(moves, blocks):
+                o, v = o.narrow(ax, o_start, length), v.narrow(ax, i_start, length)
+            o.add_(v, alpha=w)
     return out
 
 

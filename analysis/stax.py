@@ -38,7 +38,15 @@ from study.groups import Group
 
 from . import kernel_scratch as scratch
 from .kernel_nonlin import gaussian_factors
-from .kernel_ops import TorusCorrelation, axis_maps, diagonal_shift_sum, out_size, patches, window_rotations
+from .kernel_ops import (
+    TorusCorrelation,
+    axis_maps,
+    diagonal_shift_sum,
+    out_size,
+    patches,
+    tap_weighted_shift_sum,
+    window_rotations,
+)
 
 __all__ = ["Pairs", "Meta", "RULES", "build_rules", "var_of"]
 
@@ -300,13 +308,18 @@ def _first_layer_patches(st: Pairs, k: int, padding: str):
 class ConvRule(_Linear):
     """Plain convolution (docs/theory.md §2.3): ``A[M](p, q) = (1/k^2) sum_delta M(p+delta, q+delta)``.
 
+    With per-tap variances ``v`` (``Conv.variances()``, 0 off the filter support) the taps are
+    weighted as the finite layer draws them: ``A[M](p, q) = (1/sum v) sum_t v_t M(p + delta_t, q + delta_t)``
+    (docs/theory.md §3.4). The full uniform window keeps the separable shifted sums.
     ``diag_only``: keep only the ``(p, p)`` entries, which is all a flatten readout needs.
     """
 
     def __init__(self, layer: Conv, meta: Meta, diag_only: bool):
         super().__init__(layer.affine)
         self.k, self.padding = layer.kernel_size, layer.padding
-        self.scale = 1.0 / self.k**2
+        self.uniform = layer.uniform
+        self.v = layer.variances()
+        self.scale = 1.0 / self.k**2 if self.uniform else 1.0 / float(self.v.sum())
         self.diag_only = diag_only
         if meta.form not in ("input", "right_invariant", "positions") or meta.G != 1:
             raise ValueError(f"Conv needs images or a plain grid, got a {meta.form} kernel (G={meta.G})")
@@ -314,46 +327,56 @@ class ConvRule(_Linear):
         self.meta_out = Meta("positions" if diag_only else "right_invariant", 1, h, w)
 
     def __call__(self, st, want_ntk, var1=None, var2=None):
-        k = self.k
         if st.form == "input":
-            p1, p2 = _first_layer_patches(st, k, self.padding)
-            n1, c, kk, h, w = p1.shape
-            n2 = p2.shape[0]
-            a = p1.reshape(n1, c * kk, h * w)
-            b = p2.reshape(n2, c * kk, h * w)
-            if self.diag_only:
-                if st.outer:  # [P, N1, K] @ [P, K, N2]
-                    m = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).permute(1, 2, 0)
-                else:
-                    m = (a * b).sum(1)
-                m = m.reshape(*m.shape[:-1], h, w)
-                form = "positions"
-            else:
-                if st.outer:
-                    m = a.permute(0, 2, 1).reshape(n1 * h * w, c * kk) @ b.permute(1, 0, 2).reshape(c * kk, n2 * h * w)
-                    m = m.reshape(n1, h * w, n2, h * w).permute(0, 2, 1, 3)
-                else:
-                    m = torch.bmm(a.transpose(1, 2), b)
-                m = m.reshape(*m.shape[:-2], 1, h, w, h, w)
-                form = "right_invariant"
-            return self._finish(st, form, m, None, want_ntk, scale=1.0 / (c * kk))
+            return self._first_layer(st, want_ntk)
         if st.form == "positions":
+            return self._linear_both(st, self._positions_op, "positions", want_ntk)
+        return self._linear_both(st, self._grid_op, "right_invariant", want_ntk)
 
-            def op(m):
-                t = diagonal_shift_sum(m, k, self.padding, -2)
-                out = diagonal_shift_sum(t, k, self.padding, -1)
-                scratch.recycle(t)
-                return out
+    def _first_layer(self, st, want_ntk):
+        k = self.k
+        p1, p2 = _first_layer_patches(st, k, self.padding)
+        n1, c, kk, h, w = p1.shape
+        n2 = p2.shape[0]
+        if not self.uniform:  # one side carries the tap weights: sum_t v_t x(p + d_t) x'(q + d_t)
+            p1 = p1 * torch.from_numpy(self.v.reshape(1, 1, kk, 1, 1))
+        a = p1.reshape(n1, c * kk, h * w)
+        b = p2.reshape(n2, c * kk, h * w)
+        if self.diag_only:
+            if st.outer:  # [P, N1, K] @ [P, K, N2]
+                m = torch.bmm(a.permute(2, 0, 1), b.permute(2, 1, 0)).permute(1, 2, 0)
+            else:
+                m = (a * b).sum(1)
+            m = m.reshape(*m.shape[:-1], h, w)
+            form = "positions"
+        else:
+            if st.outer:
+                m = a.permute(0, 2, 1).reshape(n1 * h * w, c * kk) @ b.permute(1, 0, 2).reshape(c * kk, n2 * h * w)
+                m = m.reshape(n1, h * w, n2, h * w).permute(0, 2, 1, 3)
+            else:
+                m = torch.bmm(a.transpose(1, 2), b)
+            m = m.reshape(*m.shape[:-2], 1, h, w, h, w)
+            form = "right_invariant"
+        taps = kk if self.uniform else float(self.v.sum())
+        return self._finish(st, form, m, None, want_ntk, scale=1.0 / (c * taps))
 
-            return self._linear_both(st, op, "positions", want_ntk)
+    def _positions_op(self, m):
+        k = self.k
+        if not self.uniform:
+            return tap_weighted_shift_sum(m, self.v, self.padding, (-2,), (-1,))
+        t = diagonal_shift_sum(m, k, self.padding, -2)
+        out = diagonal_shift_sum(t, k, self.padding, -1)
+        scratch.recycle(t)
+        return out
 
-        def op(m):
-            t = diagonal_shift_sum(m, k, self.padding, -4, -2, 1)
-            out = diagonal_shift_sum(t, k, self.padding, -3, -1, 1)
-            scratch.recycle(t)
-            return out
-
-        return self._linear_both(st, op, "right_invariant", want_ntk)
+    def _grid_op(self, m):
+        k = self.k
+        if not self.uniform:
+            return tap_weighted_shift_sum(m, self.v, self.padding, (-4, -2), (-3, -1))
+        t = diagonal_shift_sum(m, k, self.padding, -4, -2, 1)
+        out = diagonal_shift_sum(t, k, self.padding, -3, -1, 1)
+        scratch.recycle(t)
+        return out
 
 
 class LiftRule(_Linear):

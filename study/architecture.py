@@ -38,9 +38,11 @@ them whole from ``study.spec.sphere_spec``, the one description both read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Literal, Optional, Union, get_args
 
-from .spec import SO3_ARCHS, ModelSpec, check_model_input
+import numpy as np
+
+from .spec import SO3_ARCHS, ModelSpec, check_model_input, tap_variances
 
 WIDTH = "width"  # symbolic size: the kernel does not depend on it; workers substitute it
 
@@ -64,12 +66,28 @@ class Dense:
 
 @dataclass(frozen=True)
 class Conv:
-    """Plain 2D convolution ``in_channels -> out``, ``k x k``."""
+    """Plain 2D convolution ``in_channels -> out``, ``k x k``.
+
+    ``tap_variance``: the prior variance of each tap, ``k`` rows of ``k`` (``study.spec.tap_variances``;
+    0 off the filter support); ``None`` is the full window with unit variances.
+    """
 
     out: Union[int, str]
     kernel_size: int
     padding: Literal["circular", "zero", "valid"]
     affine: Affine
+    tap_variance: Optional[tuple[tuple[float, ...], ...]] = None
+
+    def variances(self) -> np.ndarray:
+        """The ``k x k`` tap variances as a float64 array (all ones when ``tap_variance`` is None)."""
+        if self.tap_variance is None:
+            return np.ones((self.kernel_size, self.kernel_size))
+        return np.array(self.tap_variance, dtype=np.float64)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every tap of the full window has variance 1 (the plain convolution)."""
+        return bool(np.all(self.variances() == 1.0))
 
 
 @dataclass(frozen=True)
@@ -148,9 +166,10 @@ def _mlp(spec: ModelSpec, input_shape, aff: Affine, phi: Nonlin) -> list[Layer]:
 
 
 def _cnn(spec: ModelSpec, input_shape, aff: Affine, phi: Nonlin) -> list[Layer]:
+    taps = tuple(tuple(float(v) for v in row) for row in tap_variances(spec))
     layers: list[Layer] = []
     for _ in range(spec.depth):
-        layers += [Conv(WIDTH, spec.kernel_size, spec.padding, aff), phi]
+        layers += [Conv(WIDTH, spec.kernel_size, spec.padding, aff, taps), phi]
     return layers + [_spatial_readout(spec)]
 
 

@@ -6,8 +6,9 @@ are meaningful.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from .groups import SO3_NAME, group_name, parse_group
@@ -24,6 +25,10 @@ Loss = Literal["mse", "cross_entropy"]
 Optimizer = Literal["gd", "sgd"]
 Pairing = Literal["independent", "antithetic"]
 KernelMode = Literal["grid", "relative"]
+# CNN filters (docs/models.md, "cnn"): which taps of the k x k window exist, and the prior
+# variance of each; a list of taps or a k x k variance array may be given instead of a name.
+SupportMask = Literal["full", "plus", "cross_corner"]
+TapVariance = Literal["uniform", "ramp"]
 SO3_ARCHS = ("so3_gcnn", "sphere_mlp")
 # Equivariant by construction (so augmentation is refused); GROUP_ARCHS of them are built
 # from group layers with a filter ``support`` and ``basis`` (docs/models.md).
@@ -37,6 +42,9 @@ TRAINING_DEFAULTS = {"loss": "mse", "optimizer": "gd", "batch_size": None, "pair
 # SO(3) fields (docs/models.md, "so3_gcnn" and "sphere_mlp"): unset (None) for every other
 # model and then left out of the dump too, for the same reason.
 SO3_DEFAULTS = {"bands": None, "so3_grid": None, "kernel_mode": None, "rotations": None}
+# CNN filter fields (docs/models.md, "cnn"): left out of the dump at their defaults, for the
+# same reason, so every CNN written before they existed keeps its unit ids.
+CNN_DEFAULTS = {"filter_support": "full", "tap_variance": "uniform"}
 
 
 class ModelSpec(BaseModel):
@@ -90,6 +98,42 @@ class ModelSpec(BaseModel):
     so3_grid: Optional[int] = Field(None, ge=1)
     kernel_mode: Optional[KernelMode] = None
     rotations: Optional[int] = Field(None, ge=1)
+    # CNN filters (arch cnn only; docs/models.md): the taps of the k x k window that exist
+    # (full, plus, cross_corner, or a list of [row, col] taps) and their prior variances
+    # (uniform, ramp, or a k x k array); ``tap_variances`` turns both into one array.
+    filter_support: Union[SupportMask, tuple[tuple[int, int], ...]] = "full"
+    tap_variance: Union[TapVariance, tuple[tuple[float, ...], ...]] = "uniform"
+
+    @field_validator("filter_support", mode="before")
+    @classmethod
+    def _support_form(cls, v):
+        if isinstance(v, str):
+            if v not in get_args(SupportMask):
+                raise ValueError(f"{v!r} is not supported; use full, plus, cross_corner or a list of [row, col] taps")
+            return v
+        try:
+            taps = tuple((int(r), int(c)) for r, c in v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{v!r} is neither a mask name nor a list of [row, col] taps; "
+                             "use full, plus, cross_corner or e.g. [[0, 1], [1, 1]]") from None
+        if not taps or len(set(taps)) != len(taps):
+            raise ValueError(f"{[list(t) for t in taps]} must list distinct [row, col] taps, at least one")
+        return taps
+
+    @field_validator("tap_variance", mode="before")
+    @classmethod
+    def _variance_form(cls, v):
+        if isinstance(v, str):
+            if v not in get_args(TapVariance):
+                raise ValueError(f"{v!r} is not supported; use uniform, ramp or a k x k list of variances")
+            return v
+        try:
+            rows = tuple(tuple(float(a) for a in row) for row in v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{v!r} is neither uniform, ramp nor a k x k list of variances") from None
+        if any(not np.isfinite(a) or a < 0 for row in rows for a in row):
+            raise ValueError(f"{[list(r) for r in rows]} must hold finite variances >= 0")
+        return rows
 
     @field_validator("group")
     @classmethod
@@ -128,7 +172,32 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"support: escnn's own basis spans full-support filters only; use support: full for {self.name}"
             )
+        self._filter_combinations()
         return self
+
+    def _filter_combinations(self) -> None:
+        name, k = self.name, self.kernel_size
+        for f, default in CNN_DEFAULTS.items():
+            if self.arch != "cnn" and getattr(self, f) != default:
+                raise ValueError(f"{f}: only arch cnn has it; remove it from model {name} or use arch: cnn")
+        support = self.filter_support
+        if support == "plus" and k % 2 == 0:
+            raise ValueError(f"filter_support: plus needs an odd kernel_size (a centre tap), model {name} has {k}")
+        if support == "cross_corner" and k != 3:
+            raise ValueError(f"filter_support: cross_corner is a 3x3 mask, model {name} has kernel_size {k}; "
+                             "use kernel_size: 3 or a list of [row, col] taps")
+        if isinstance(support, tuple):
+            bad = [list(t) for t in support if not (0 <= t[0] < k and 0 <= t[1] < k)]
+            if bad:
+                raise ValueError(f"filter_support: taps {bad} of model {name} lie outside the {k}x{k} window; "
+                                 f"use rows and columns 0..{k - 1}")
+        variance = self.tap_variance
+        if isinstance(variance, tuple) and (len(variance) != k or any(len(r) != k for r in variance)):
+            raise ValueError(f"tap_variance: model {name} needs a {k}x{k} list of variances (kernel_size {k}), "
+                             f"got {len(variance)} rows of lengths {[len(r) for r in variance]}")
+        if self.arch == "cnn" and not tap_variances(self).any():
+            raise ValueError(f"tap_variance: every tap of the filter_support of model {name} has variance 0; "
+                             "give some tap of the support a positive variance")
 
     def _so3_combinations(self) -> None:
         so3, name = self.group == SO3_NAME, self.name
@@ -180,6 +249,9 @@ class ModelSpec(BaseModel):
         for k, default in TRAINING_DEFAULTS.items():
             if k in out and out[k] == default:
                 del out[k]
+        for k, default in CNN_DEFAULTS.items():
+            if k in out and out[k] == default:
+                del out[k]
         return out
 
     @property
@@ -212,6 +284,59 @@ class ModelSpec(BaseModel):
     def spatial(self) -> bool:
         """Whether the model convolves over a spatial grid (CNN, GCNN)."""
         return self.arch in ("cnn", "gcnn")
+
+
+def support_mask(spec: ModelSpec) -> np.ndarray:
+    """The ``k x k`` boolean mask of the filter taps that exist (``filter_support``).
+
+    Tap ``(a, b)`` is offset ``(a - lo, b - lo)`` (docs/theory.md §1). ``plus``: the centre row
+    and column (for ``k = 3`` the centre and its 4 edge neighbours), closed under D4;
+    ``cross_corner``: the 4 edge neighbours and the corner ``(0, 0)``, no centre, closed under
+    no rotation.
+    """
+    k = spec.kernel_size
+    support = spec.filter_support
+    mask = np.zeros((k, k), dtype=bool)
+    if support == "full":
+        mask[:] = True
+    elif support == "plus":
+        mask[k // 2, :] = mask[:, k // 2] = True
+    elif support == "cross_corner":
+        mask[[0, 1, 1, 2], [1, 0, 2, 1]] = True
+        mask[0, 0] = True
+    else:
+        rows, cols = zip(*support)
+        mask[list(rows), list(cols)] = True
+    return mask
+
+
+def tap_variances(spec: ModelSpec) -> np.ndarray:
+    """The ``k x k`` prior variance of each filter tap of a ``cnn`` (float64; 0 off the support).
+
+    The one definition the finite layer (``workers.layers.NTKConv2d``) and the kernel rule
+    (``analysis.stax.ConvRule``) both read, through the layer plan's ``Conv`` entry. The
+    variances are normalised to mean 1 over the support's taps (their overall scale cancels
+    against ``fan_in = in_channels x sum of variances`` anyway, docs/models.md), so ``full``
+    with ``uniform`` is exactly the all-ones array. ``ramp``: variance proportional to
+    ``1 + row`` (growing down the window, constant along rows), not invariant under any
+    rotation; an explicit array gives relative variances.
+    """
+    k = spec.kernel_size
+    mask = support_mask(spec)
+    variance = spec.tap_variance
+    if variance == "uniform":
+        raw = np.ones((k, k))
+    elif variance == "ramp":
+        raw = np.repeat(np.arange(1.0, k + 1.0)[:, None], k, axis=1)
+    else:
+        raw = np.array(variance, dtype=np.float64).reshape(k, k)
+    raw = np.where(mask, raw, 0.0)
+    total = raw.sum()
+    if total == 0:
+        return raw
+    if variance == "uniform":  # exact ones on the support: full + uniform is today's filter bit for bit
+        return raw
+    return raw * (mask.sum() / total)
 
 
 def check_model_input(spec: ModelSpec, shape: tuple[int, ...], n_train: Optional[int] = None) -> None:

@@ -118,21 +118,46 @@ class NTKDense(nn.Module):
 
 
 class NTKConv2d(nn.Module):
-    """Plain ``k x k`` convolution ``in -> out`` (torch's cross-correlation); ``fan_in = in k^2``."""
+    """Plain ``k x k`` convolution ``in -> out`` (torch's cross-correlation).
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: str, affine: Affine):
+    With per-tap variances ``v`` (``k x k``, ``study.spec.tap_variances``; 0 off the filter
+    support) the filter is ``sigma_w / sqrt(in * sum(v)) * sqrt(v) * W`` with ``W`` N(0, 1): tap
+    ``t`` has prior variance ``sigma_w^2 v_t / (in sum(v))``, and ``fan_in = in * sum(v)`` keeps
+    the pre-activation variance that of the full uniform window, ``in k^2`` (docs/models.md).
+    Masked taps are multiplied by 0, so their entries of ``W`` get zero gradient and the filter
+    stays 0 there under training. ``v = None`` (or all ones) is the plain ``k x k`` layer, computed
+    exactly as before the variances existed.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: str, affine: Affine,
+                 tap_variance=None):
         super().__init__()
         k = kernel_size
         self.weight = _normal_parameter(out_channels, in_channels, k, k)
         self.bias = _normal_parameter(out_channels) if affine.bias else None
-        self.w_scale = affine.sigma_w / math.sqrt(in_channels * k * k)
+        v = None if tap_variance is None else torch.as_tensor(tap_variance, dtype=torch.float64).reshape(k, k)
+        if v is not None and bool((v == 1.0).all()):
+            v = None  # the full uniform window: no per-tap factor at all, bit for bit the plain layer
+        if v is None:
+            self.w_scale = affine.sigma_w / math.sqrt(in_channels * k * k)
+            self.tap_scale = None
+        else:
+            self.w_scale = affine.sigma_w / math.sqrt(in_channels * float(v.sum()))
+            # float64 like FilterExpansion's basis; cast to the weights' dtype in forward
+            self.register_buffer("tap_scale", v.sqrt(), persistent=False)
         self.sigma_b = affine.sigma_b
         self.kernel_size, self.padding = k, padding
+
+    def filter(self) -> torch.Tensor:
+        """The filter ``[out, in, k, k]`` the layer applies, ``w_scale`` included."""
+        if self.tap_scale is None:
+            return self.w_scale * self.weight
+        return self.w_scale * (self.tap_scale.to(self.weight.dtype) * self.weight)
 
     def forward(self, x):
         x = pad2d(_plain(x), self.kernel_size, self.padding)
         b = None if self.bias is None else self.sigma_b * self.bias
-        return F.conv2d(x, self.w_scale * self.weight, b)
+        return F.conv2d(x, self.filter(), b)
 
 
 class BasisConv2d(enn.EquivariantModule):

@@ -157,7 +157,7 @@ def _dense(entry: arch.Dense, f: Features, c: BuildContext):
 def _conv(entry: arch.Conv, f: Features, c: BuildContext):
     _expect(f, "grid", entry)
     out = c.size(entry.out)
-    layer = NTKConv2d(f.shape[0], out, entry.kernel_size, entry.padding, entry.affine)
+    layer = NTKConv2d(f.shape[0], out, entry.kernel_size, entry.padding, entry.affine, entry.tap_variance)
     return layer, Features("grid", (out, *_conv_hw(f.shape[1:], entry.kernel_size, entry.padding)))
 
 
