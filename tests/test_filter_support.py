@@ -11,7 +11,8 @@ the spec, the finite layer, the analytic kernel, and joint invariance (docs/theo
   (the criteria of tests/test_kernels_vs_finite.py).
 - Joint invariance ``K(L_g x, L_g x') = K(x, x')`` under C4 holds to 1e-12 for ``plus`` +
   ``uniform`` and fails by a clearly nonzero amount for ``cross_corner`` and for ``ramp``; the
-  transport identity ``K_v(L_g x, L_g x') = K_{v o A_g}(x, x')`` of the proof holds to 1e-12;
+  transport identity ``K_v(L_g x, L_g x') = K_{v o A_g}(x, x')`` of the proof holds to 1e-12, and
+  its finite-width form through GD steps;
   the analytic mean of an augmented ensemble is orbit-invariant with ``plus`` and is not with
   ``cross_corner``.
 """
@@ -401,3 +402,40 @@ def test_augmented_mean_is_invariant_iff_the_kernel_is(support, invariant):
         assert spread <= 1e-10
     else:
         assert spread > 1e-5, f"the augmented mean with an asymmetric support varies only by {spread:.2e}"
+
+
+@pytest.mark.parametrize("readout", ["gap", "flatten"])
+def test_finite_transport_identity_holds_through_training(readout):
+    """The finite-width counterpart (docs/theory.md §3.4): ``f^v(L_g x; W) = f^{v o A_g}(x; pi_g W)``
+    with ``pi_g`` moving every filter by ``g^-1`` (and the flatten readout's weights over positions),
+    at initialisation and after GD steps on the full-orbit augmented loss; float64 round-off."""
+    v = np.array([[0.0, 1.0, 3.0], [2.0, 0.5, 0.0], [4.0, 0.0, 1.5]])
+    shape, width = (1, 5, 5), 4
+    rng = np.random.default_rng(6)
+    x, y = torch.from_numpy(rng.normal(size=(3, *shape))), torch.from_numpy(rng.normal(size=(3, 1)))
+    x_aug = torch.from_numpy(C4.orbit_image(x.numpy()).reshape(-1, *shape))
+    y_aug = y.repeat_interleave(C4.order, 0)
+    probe = torch.from_numpy(rng.normal(size=(2, *shape)))
+    for g in range(1, C4.order):
+        gi = int(C4.inverse[g])
+        kw = dict(depth=2, sigma_b=0.3, readout=readout)
+        a = init_parameters(build_model(_spec(tap_variance=v.tolist(), **kw), width, shape, 1).double(), 11)
+        b = build_model(_spec(tap_variance=C4.act_image(v, gi).tolist(), **kw), width, shape, 1).double()
+        with torch.no_grad():
+            for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+                moved = pa
+                if pa.ndim == 4:  # a filter [out, in, k, k]
+                    moved = C4.act_image(pa, gi)
+                elif readout == "flatten" and name.startswith(f"layers.{len(a.layers) - 1}.weight"):
+                    h = w = shape[-1]  # readout weights over (channel, position): w(p) -> w(R_g p)
+                    moved = C4.act_image(pa.reshape(1, width, h, w), gi).reshape(pa.shape)
+                pb.copy_(moved)
+        for _ in range(3):
+            lhs, rhs = a(torch.from_numpy(C4.act_image(probe.numpy(), g))), b(probe)
+            assert _rel(lhs.detach(), rhs.detach()) <= 1e-12
+            for m in (a, b):
+                m.zero_grad()
+                (0.5 * (m(x_aug) - y_aug).pow(2).mean()).backward()
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p -= 0.5 * p.grad
