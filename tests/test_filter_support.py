@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call, stack_module_state, vmap
 
 from analysis.kernels import kernel_fn
 from analysis.predict import predict_as_trained
@@ -159,8 +160,6 @@ def test_full_uniform_is_todays_model_bit_for_bit(dtype):
 
 def test_masked_model_trains_in_the_vmapped_ensemble():
     """The per-tap factor is a buffer shared by members: ``vmap(functional_call)`` runs and keeps the mask."""
-    from torch.func import functional_call, stack_module_state, vmap
-
     spec = _spec(filter_support="cross_corner", tap_variance="ramp")
     models = [init_parameters(build_model(spec, 4, (1, 5, 5), 1), s) for s in range(3)]
     params, buffers = stack_module_state(models)

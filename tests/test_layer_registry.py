@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import get_args
 
+import numpy as np
 import pytest
 
-from analysis.stax import RULES
+from analysis.stax import RULES, ConvRule, build_rules
 from study import architecture as arch
-from study.spec import SO3_ARCHS, Arch, ModelSpec
-from workers.models import BUILDERS
+from study.spec import SO3_ARCHS, Arch, ModelSpec, tap_variances
+from workers.layers import NTKConv2d
+from workers.models import BUILDERS, build_model
 
 
 @pytest.mark.parametrize("registry,what", [(BUILDERS, "finite builder"), (RULES, "kernel rule")])
@@ -36,3 +38,16 @@ def test_so3_models_have_no_layer_plan(kw):
     spec = ModelSpec(name="s", group="SO3", **kw)
     with pytest.raises(ValueError, match=r"^arch: .* has no layer plan; .*sphere_spec"):
         arch.layer_plan(spec, (1, 6, 6), 2)
+
+
+def test_conv_tap_variances_reach_both_interpreters():
+    """``filter_support`` / ``tap_variance`` reach the finite layer and the kernel rule only through
+    the plan's ``Conv`` entry, whose array is ``study.spec.tap_variances``."""
+    spec = ModelSpec(name="c", arch="cnn", depth=2, filter_support="cross_corner", tap_variance="ramp")
+    v = tap_variances(spec)
+    plan = arch.layer_plan(spec, (1, 5, 5), 1)
+    assert all(np.array_equal(e.variances(), v) for e in plan if isinstance(e, arch.Conv))
+    finite = [m for m in build_model(spec, 3, (1, 5, 5), 1).layers if isinstance(m, NTKConv2d)]
+    assert len(finite) == 2 and all(np.allclose(m.tap_scale.numpy() ** 2, v, rtol=1e-15, atol=0) for m in finite)
+    rules = [r for r in build_rules(plan, (1, 5, 5), spec.group_obj) if isinstance(r, ConvRule)]
+    assert len(rules) == 2 and all(np.array_equal(r.v, v) for r in rules)
