@@ -55,7 +55,8 @@ class ModelSpec(BaseModel):
     - ``group``: the symmetry group. It defines the GCNN layers, the augmentation orbit,
       and the orbits on which eval inputs are logged. For ``mlp`` and ``cnn`` with
       ``augmentation: none`` it only sets the eval orbits.
-    - ``support`` and ``basis`` apply to ``GROUP_ARCHS`` (``gcnn``, ``group_mlp``) only.
+    - ``support`` and ``basis`` apply to ``GROUP_ARCHS`` (``gcnn``, ``group_mlp``) only;
+      ``filter_support`` and ``tap_variance`` to ``cnn`` only (``tap_variances``).
     - ``loss``, ``optimizer``, ``batch_size``: how the members are trained (docs/models.md,
       "Training"). Only full-batch GD on the MSE (the defaults) has an analytic counterpart.
     """
