@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from study.spec import kernel_jointly_invariant
+
 from . import kernels
 
 __all__ = ["GDPredictor", "Prediction", "UnstableLearningRate", "augment_full_orbit", "predict_as_trained"]
@@ -349,6 +351,9 @@ def predict_as_trained(
         x_aug, y_aug = augment_full_orbit(spec, x_train, y)
         want_var = variance and aug == "full_orbit"
         if use_orbit_mean:
+            if not kernel_jointly_invariant(spec):
+                raise ValueError(f"use_orbit_mean: the kernel of {spec.name} is not jointly invariant (docs/theory.md "
+                                 "§3.4), so the orbit-averaged kernel is not its augmented mean; use the augmented set")
             mean, _ = on(mean_kernel_fn, spec, x_train, y, False)
             var = on(kernel_fn, own, x_aug, y_aug, True)[1] if want_var else None
         else:

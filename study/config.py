@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from .groups import SO3_NAME, Group, group_name
-from .spec import ModelSpec, Pairing, check_model_input
+from .spec import ModelSpec, Pairing, check_model_input, kernel_jointly_invariant
 
 
 class StudyError(ValueError):
@@ -634,6 +634,13 @@ class RegressionStudy(StudyBase):
                     raise ValueError(
                         f"models.{i}.{f}: kernel_regression studies fit kernels, they train no network; remove {f}"
                     )
+            spec = specs[i]
+            if spec.augmentation != "none" and not kernel_jointly_invariant(spec):
+                raise ValueError(
+                    f"models.{i}.tap_variance: kernel regression of the augmented {spec.name} uses the orbit-averaged "
+                    "kernel, its mean only when the kernel is jointly invariant (docs/theory.md §3.4); give it a "
+                    "filter_support and tap_variance the group maps onto themselves"
+                )
 
     def _check_data(self, specs: list[ModelSpec]) -> None:
         """``source: molecules`` (energies, per-atom models) for both the pool and the test set, or neither."""

@@ -340,6 +340,20 @@ def tap_variances(spec: ModelSpec) -> np.ndarray:
     return raw * (mask.sum() / total)
 
 
+def kernel_jointly_invariant(spec: ModelSpec) -> bool:
+    """Whether the model's NNGP/NTK satisfy ``K(L_g x, L_g x') = K(x, x')`` for its group by
+    construction: every architecture but a ``cnn`` whose tap variances are not invariant under
+    the group's action on the filter window (the sufficient condition of docs/theory.md §3.4).
+    The orbit-averaged kernel is an augmented model's mean kernel only when this holds (§6)."""
+    if spec.arch != "cnn":
+        return True
+    v = tap_variances(spec)
+    g = spec.group_obj
+    if not g.acts_exactly_on_grid():
+        return bool(np.all(v == v.flat[0]))
+    return all(np.array_equal(g.act_image(v[None], h)[0], v) for h in range(g.order))
+
+
 def check_model_input(spec: ModelSpec, shape: tuple[int, ...], n_train: Optional[int] = None) -> None:
     """Raise ValueError naming the field when inputs of ``shape`` (no batch axis) do not fit.
 

@@ -28,6 +28,10 @@ def write(d: Path, text: str, name="study.yaml") -> Path:
 
 # ----- the study file --------------------------------------------------------------------
 BAD = [
+    ("augmented CNN whose kernel is not jointly invariant",
+     SMALL.replace("{name: cnn_aug, arch: cnn, depth: 1, augmentation: full_orbit}",
+                   "{name: cnn_aug, arch: cnn, depth: 1, augmentation: full_orbit, tap_variance: ramp}"),
+     ["tap_variance", "jointly invariant", "filter_support"]),
     ("ensemble field in a regression study", SMALL.replace("seed: 1", "seed: 1\nwidths: [8]"), ["widths", "kernel_regression", "remove"]),
     ("no regression section", SMALL[: SMALL.index("regression:")] + SMALL[SMALL.index("models:"):],
      ["regression", "required", "add it"]),
