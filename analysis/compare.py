@@ -445,6 +445,14 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
         if pr["a"] not in by_model or pr["b"] not in by_model:
             continue
         j = by_model[pr["a"]].merge(by_model[pr["b"]], on=keys, suffixes=("_a", "_b"))
+        if j.empty and pr["kind"] == "control":
+            # a control needs no common training time, only analytic means that differ: a
+            # non-augmented model may need its own (smaller) lr, so match it step for step
+            # when each model has a single lr (the pair's rows carry the first model's lr)
+            lrs_a, lrs_b = by_model[pr["a"]]["lr"].unique(), by_model[pr["b"]]["lr"].unique()
+            if len(lrs_a) == 1 and len(lrs_b) == 1:
+                on = [k for k in keys if k != "lr"]
+                j = by_model[pr["a"]].merge(by_model[pr["b"]].drop(columns="lr"), on=on, suffixes=("_a", "_b"))
         if j.empty:
             continue
         diff = j["mean_a"] - j["mean_b"]

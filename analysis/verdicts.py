@@ -223,8 +223,10 @@ def _final_and_pooled(s: Summary, a: str, b: str, lr: float, w: int) -> tuple[pd
 
 
 def controls(s: Summary, family: str, lr: float) -> list[dict]:
-    """The family's positive controls at their largest width: pairs of kind ``control``."""
-    c = s.pair_all[(s.pair_all["kind"] == "control") & (s.pair_all["lr"] == lr)] if len(s.pair_all) else s.pair_all
+    """The family's positive controls at their largest width: pairs of kind ``control``, at any
+    learning rate (a control shows what the family's ensembles resolve; a non-augmented model
+    may need its own lr, ``compare.pair_gaps``)."""
+    c = s.pair_all[s.pair_all["kind"] == "control"] if len(s.pair_all) else s.pair_all
     out = []
     for (a, b), g in c.groupby(["a", "b"], sort=False) if len(c) else []:
         if THEOREM_FAMILY.get(s.arch(a)) != family or THEOREM_FAMILY.get(s.arch(b)) != family:
