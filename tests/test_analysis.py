@@ -11,18 +11,21 @@ and one failed, as the runner records them.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import theory
-from eqntk import pipeline
+from analysis import compare, theory
 from analysis.predict import predict_as_trained
+from eqntk import pipeline
+from eqntk.cli import main
+from eqntk.store import ResultStore
 from study.config import parse_study
 from study.data import build_data
-from eqntk.store import ResultStore
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, make_results) -> Path:
@@ -189,8 +192,6 @@ def test_theory_cache_reused_and_invalidated(results, analysed, closed_form_kern
 
 
 def test_kernel_failure_is_reported_not_fatal(results, tmp_path, closed_form_kernel_fn):
-    import shutil
-
     out = tmp_path / "copy"
     shutil.copytree(results, out)
     shutil.rmtree(out / "analysis", ignore_errors=True)
@@ -230,10 +231,6 @@ def test_equivariant_shortcut_falls_back_when_not_invariant(synthetic_study, clo
 # ----- the real thing: workers, kernels, CLI ----------------------------------------------
 def test_real_study_end_to_end(tmp_path, tiny_study):
     """``eqntk run`` trains, analyses with the real kernel engine and writes the report."""
-    pytest.importorskip("analysis.kernels")
-    pytest.importorskip("workers.models")
-    from eqntk.cli import main
-
     study = tmp_path / "real.yaml"
     study.write_text(tiny_study(
         name="tiny-real", seed=2, noise_n=2, members_per_unit=None, steps=10, log_steps=[0, 1, 10],
@@ -267,8 +264,6 @@ def test_excess_interval_covers_the_true_bias(correlation):
     """Monte Carlo: ensembles of 8 Gaussian draws at 40 points whose noise is correlated across
     points (0: independent, 1: one shared draw), around a known bias. The interval for B^2 holds
     the truth in at least 95% of repeats whatever the correlation (docs/theory.md §5.4)."""
-    from analysis import compare
-
     rng = np.random.default_rng(7)
     n, d, reps = 40, 8, 400
     bias = np.sin(np.arange(n))  # B^2 = sum bias^2, about 20
@@ -288,8 +283,6 @@ def test_excess_interval_covers_the_true_bias(correlation):
 
 
 def test_excess_interval_limits():
-    from analysis import compare
-
     # no noise: the interval is the point itself
     est, lo, hi = compare.excess_interval(4.0, 0.0, 0.0)
     assert est == lo == hi == 4.0
@@ -299,8 +292,6 @@ def test_excess_interval_limits():
 
 
 def test_fit_exponent_exact_and_unresolved():
-    from analysis import compare
-
     w = np.array([8, 32, 128])
     b2 = (2.0 / w) ** 2
     slope, lo, hi = compare.fit_exponent(w, b2, 0.9 * b2, 1.1 * b2)
@@ -331,7 +322,6 @@ def test_bias_interval_and_exponent_on_the_quiet_study(quiet, synthetic_study):
     assert ((c["exponent_bias_lo"] <= -1) & (-1 <= c["exponent_bias_hi"])).all()
     np.testing.assert_allclose(c["exponent_bias"], -1.0, atol=0.1)
     # pooled over steps, eval sets as well
-    from analysis import compare
     pooled = compare.pooled_errors(a, ["model", "width"])
     true = pooled["model"].map(synthetic_study.bias) / pooled["width"]
     assert ((pooled["rel_bias_lo"] <= true) & (true <= pooled["rel_bias_hi"])).all()
@@ -340,8 +330,6 @@ def test_bias_interval_and_exponent_on_the_quiet_study(quiet, synthetic_study):
 def test_pair_gap_interval_and_controls_on_the_quiet_study(quiet, synthetic_study):
     """The gap of mlp_aug and group_mlp is mu (0.4 - 0.2)/width (their analytic means are equal):
     inside its interval and resolved. mlp_plain against a GCNN is a control: analytic means apart."""
-    from analysis import compare
-
     g = read(quiet, "pairs")
     pair = g[(g["a"] == "mlp_aug") & (g["b"] == "group_mlp") & (g["step"] > 0)]
     true = (synthetic_study.bias["mlp_aug"] - synthetic_study.bias["group_mlp"]) / pair["width"]
@@ -363,3 +351,20 @@ def test_pair_gap_interval_and_controls_on_the_quiet_study(quiet, synthetic_stud
     assert inv.loc[inv["model"] == "mlp_aug", "spread_sys_hi"].max() < 1e-5
     plain = inv[inv["model"] == "mlp_plain"]
     assert ((plain["spread_sys_lo"] <= plain["theory_spread"] * 1.0001) & (plain["theory_spread"] <= plain["spread_sys_hi"])).all()
+
+
+def test_control_pair_matches_models_trained_at_different_learning_rates():
+    """A non-augmented model may need its own (smaller) lr: its control pair with the GCNN is
+    matched step for step, while a theorem pair (same training) still needs a common lr."""
+    rows = []
+    for model, lr, mu in (("mlp", 2.0, 1.0), ("group_mlp", 4.5, 0.0)):
+        for step in (0, 10):
+            for sample in range(3):
+                rows.append(dict(model=model, width=8, lr=lr, step=step, eval_set="train", sample=sample,
+                                 group_element=0, output=0, mean=mu * step, se=0.1, mu=mu * step, members=4, draws=4))
+    points = pd.DataFrame(rows)
+    gaps = compare.pair_gaps(points, [dict(a="mlp", b="group_mlp", kind="control"),
+                                      dict(a="mlp", b="group_mlp", kind="augmentation")])
+    assert set(gaps["kind"]) == {"control"} and set(gaps["lr"]) == {2.0}
+    late = gaps[gaps["step"] == 10].iloc[0]
+    assert late["theory_gap_se"] == pytest.approx(np.sqrt(3 * 100 / (3 * 0.02)))
