@@ -1,13 +1,8 @@
 """Our MLP and CNN kernels against neural-tangents, and the time ratio, measured in one run.
 
 neural-tangents is never a dependency of eqntk: run this with the Python of a separate venv
-that has it next to eqntk, made once at any path (NTVENV here) from the repository root:
-
-    python3 -m venv NTVENV
-    NTVENV/bin/pip install torch==2.13.0 "neural-tangents==0.6.5"
-    NTVENV/bin/pip install --no-deps escnn==1.0.11   # as scripts/bootstrap.sh does
-    NTVENV/bin/pip install -e .
-    NTVENV/bin/python benchmarks/nt_agreement.py
+that has both (``NTVENV/bin/python benchmarks/nt_agreement.py``; benchmarks/README.md says how to
+make it once, at any path).
 
 neural-tangents is set to our parameterisation: ``parameterization="ntk"``,
 ``W_std = sigma_w``, ``b_std = sigma_b`` (its Conv uses the same fan-in, channels x taps),

@@ -1,13 +1,8 @@
 """analysis.predict against neural-tangents' gradient_descent_mse_ensemble (gradient flow).
 
 neural-tangents is never a dependency of eqntk: run this with the Python of a separate venv
-that has it next to eqntk, made once at any path (NTVENV here) from the repository root:
-
-    python3 -m venv NTVENV
-    NTVENV/bin/pip install torch==2.13.0 "neural-tangents==0.6.5"
-    NTVENV/bin/pip install --no-deps escnn==1.0.11   # as scripts/bootstrap.sh does
-    NTVENV/bin/pip install -e .
-    NTVENV/bin/python benchmarks/nt_predict.py
+that has both (``NTVENV/bin/python benchmarks/nt_predict.py``; benchmarks/README.md says how to
+make it once, at any path).
 
 Both sides get the same kernels (neural-tangents' analytic NNGP/NTK of a ReLU MLP and of
 a circular-padding ReLU CNN with global average pooling), so only the predictions over
