@@ -553,6 +553,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for target, src in images.items():
         (readme.parent / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, readme.parent / target)
+    # read again: --run takes minutes, and the README may have been edited meanwhile
+    text = readme.read_text()
+    try:
+        check_markers(text, blocks, readme)
+    except BadInput as e:
+        print(e, file=sys.stderr)
+        return 2
     new = rewrite(text, blocks)
     if new != text:
         readme.write_text(new)
