@@ -41,16 +41,20 @@ def parameter_count(spec: ModelSpec, width: int, input_shape: tuple, n_out: int)
     return a + b * int(width) + c * int(width) ** 2
 
 
+def member_bytes(spec: ModelSpec, width: int, input_shape: tuple, n_out: int, dtype: str) -> int:
+    """What each member adds to a unit: its parameter copies."""
+    return PARAMETER_COPIES * parameter_count(spec, width, input_shape, n_out) * _ITEMSIZE[dtype]
+
+
 def unit_bytes(spec: ModelSpec, width: int, members: int, input_shape: tuple, n_out: int, dtype: str) -> int:
     """Predicted memory of a unit of ``members`` members at ``width``: the parameter copies
     and the working-memory budget of its chunked forward and backward passes."""
-    per_member = PARAMETER_COPIES * parameter_count(spec, width, input_shape, n_out) * _ITEMSIZE[dtype]
-    return members * per_member + CPU_MEMORY_BUDGET
+    return members * member_bytes(spec, width, input_shape, n_out, dtype) + CPU_MEMORY_BUDGET
 
 
-def member_bytes(spec: ModelSpec, width: int, input_shape: tuple, n_out: int, dtype: str) -> int:
-    """What one more member adds to a unit (``unit_bytes`` is affine in the members)."""
-    return unit_bytes(spec, width, 1, input_shape, n_out, dtype) - CPU_MEMORY_BUDGET
+def members_fitting(spec: ModelSpec, width: int, input_shape: tuple, n_out: int, dtype: str, available: int) -> int:
+    """The most members at ``width`` whose unit fits in ``available`` bytes (0: not even one)."""
+    return max(0, (available - CPU_MEMORY_BUDGET) // member_bytes(spec, width, input_shape, n_out, dtype))
 
 
 def machine_bytes() -> int:

@@ -20,7 +20,7 @@ from typing import Union
 from study.config import EnsembleStudy, StudyError, load_study, study_from_dict
 from study.data import build_data
 from study.grid import expand
-from workers.footprint import machine_bytes, member_bytes, unit_bytes
+from workers.footprint import machine_bytes, members_fitting, unit_bytes
 
 from .. import pipeline
 from ..runner import run_units
@@ -57,14 +57,13 @@ def check_unit_memory(cfg: EnsembleStudy, input_shape: tuple, n_out: int, origin
         need = unit_bytes(spec, width, members, input_shape, n_out, cfg.dtype)
         if need <= ram:
             continue
-        one = unit_bytes(spec, width, 1, input_shape, n_out, cfg.dtype)
-        if one > ram:
+        fit = members_fitting(spec, width, input_shape, n_out, cfg.dtype, ram)
+        if fit < 1:
+            one = unit_bytes(spec, width, 1, input_shape, n_out, cfg.dtype)
             raise StudyError(
                 f"{origin}: widths: one member of {spec.name} (models.{i}) at width {width} needs about {gb(one)} GB, "
                 f"more than this machine's {gb(ram)} GB; use smaller widths"
             )
-        fit = int((ram - (one - member_bytes(spec, width, input_shape, n_out, cfg.dtype))) // member_bytes(
-            spec, width, input_shape, n_out, cfg.dtype))
         fit -= fit % 2 if spec.pairing == "antithetic" else 0
         raise StudyError(
             f"{origin}: members_per_unit: a unit of {members} members of {spec.name} (models.{i}) at width {width} "
