@@ -21,6 +21,12 @@ orbit points x outputs of the slice; RMS is over points):
   ``B^2 = sum (E mean - mu)^2``, and ``bias2_lo``, ``bias2_hi`` bound it with 95% confidence
   whatever the correlation between points (``excess_interval``); ``rel_bias_lo``, ``rel_bias_hi``
   are their square roots over the scale.
+- Where the parts store blocks of independent draws (``analysis.empirical.ensemble_blocks``)
+  and an ensemble has at least ``jackknife.MIN_BLOCKS`` of them, ``bias2`` is instead the
+  blocks' unbiased estimate and its interval the delete-one-block jackknife's (Student t),
+  which needs no assumption on the correlation between points (docs/theory.md §5.6); so are
+  the gaps' and the orbit spreads'. ``interval`` says which a row got; the leave-one-block-out
+  values (``*_loo``) travel with the rows so pooled rows get their own jackknife.
 - Exponent of the bias in width (``exponent_bias`` with ``exponent_bias_lo``/``_hi``): weighted
   least squares of ``log sqrt(bias2)`` against ``log width`` over the widths whose bias is
   resolved (``bias2_lo > 0``), each weighted by the width of its interval (``fit_exponent``).
@@ -59,7 +65,8 @@ from scipy.optimize import brentq
 
 from study.spec import ModelSpec
 
-from .empirical import POINT_KEYS
+from . import jackknife
+from .empirical import ENSEMBLE, POINT_KEYS, Blocks
 from .theory import Theory
 
 SLICE = ["model", "width", "lr", "step", "eval_set"]
@@ -167,6 +174,60 @@ def se_ss_var(se_ss, draws) -> np.ndarray:
     return 2 * s_**2 / np.maximum(d - 1, 1)
 
 
+# ----- the same with the blocks' jackknife (docs/theory.md §5.6) --------------------------
+def _ensembles(frame: pd.DataFrame, blocks: dict[tuple, Blocks], suffix: str = ""):
+    """``(blocks, row positions)`` of each ensemble in ``frame`` that has blocks."""
+    keys = [k + suffix if k != "width" else k for k in ENSEMBLE]
+    for key, rows in frame.groupby(keys, sort=False).indices.items():
+        b = blocks.get((str(key[0]), int(key[1]), float(key[2])))
+        if b is not None:
+            yield b, rows
+
+
+def _loo_column(n_rows: int) -> np.ndarray:
+    return np.full(n_rows, None, dtype=object)
+
+
+def _pool_loo(frame: pd.DataFrame, by: list[str], col: str) -> list:
+    """Per group of ``frame.groupby(by, sort=True)`` (in its order), the sum of the rows'
+    leave-one-block-out arrays; None where a row has none or the rows' blocks differ."""
+    codes = frame.groupby(by, sort=True).ngroup().to_numpy()
+    n = int(codes.max()) + 1 if len(codes) else 0
+    out: list = [0.0] * n
+    for code, v in zip(codes, frame[col] if col in frame else [None] * len(frame)):
+        if code < 0:
+            continue
+        cur = out[code]
+        if cur is None or v is None or not hasattr(v, "__len__") or \
+                (isinstance(cur, np.ndarray) and cur.size != len(v)):
+            out[code] = None
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):  # too few blocks give inf; unused then
+                out[code] = cur + np.asarray(v, dtype=np.float64)
+    return [v if isinstance(v, np.ndarray) else None for v in out]
+
+
+def _with_jackknife(a: pd.DataFrame, est_col: str, loo_cols: list[str], fallback: tuple) -> tuple:
+    """``(est, lo, hi, interval)``: the jackknife's where a row has enough blocks, else ``fallback``."""
+    est, lo, hi = (np.array(x, dtype=np.float64, copy=True) for x in fallback)
+    kind = np.full(len(a), "worst-case bound", dtype=object)
+    if est_col not in a or not all(c in a for c in loo_cols):
+        return est, lo, hi, kind
+    for i, row in enumerate(zip(a[est_col], *(a[c] for c in loo_cols))):
+        e, *loos = row
+        if any(v is None or not hasattr(v, "__len__") for v in loos) or not np.isfinite(e):
+            continue
+        if len(loos) == 1:
+            l_, h_, k = jackknife.one_sample(e, loos[0])
+            label = f"jackknife, {int(k)} blocks"
+        else:
+            l_, h_, dof = jackknife.two_sample(e, *loos)
+            label = f"jackknife, {len(loos[0])}+{len(loos[1])} blocks"
+        if np.isfinite(h_):
+            est[i], lo[i], hi[i], kind[i] = e, l_, h_, label
+    return est, lo, hi, kind
+
+
 def fit_exponent(widths, est, lo, hi, z: float = Z95) -> tuple[float, float, float]:
     """``(exponent, lo, hi)`` of ``sqrt(B^2)`` against width with its 95% interval.
 
@@ -192,9 +253,10 @@ def fit_exponent(widths, est, lo, hi, z: float = Z95) -> tuple[float, float, flo
 
 
 # ----- agreement with theory -------------------------------------------------------------
-def agreement(points: pd.DataFrame) -> pd.DataFrame:
+def agreement(points: pd.DataFrame, blocks: Optional[dict[tuple, Blocks]] = None) -> pd.DataFrame:
     """One row per slice with an analytic prediction: z-score summaries, errors (with sums of
-    squares for pooling), variance ratio."""
+    squares for pooling), variance ratio; with ``blocks``, the jackknife's ``bias2_jk`` and
+    ``bias2_loo``."""
     p = points[points["mu"].notna()]
     d = p["mean"] - p["mu"]
     tmp = p[SLICE + ["members", "draws"]].assign(
@@ -228,6 +290,18 @@ def agreement(points: pd.DataFrame) -> pd.DataFrame:
     a["time"] = a["lr"] * a["step"]
     a["median_abs_z_null"], a["frac_abs_z_lt2_null"] = t_null(a["draws"])
     a["var_ratio"] = a["var_mean"] / a["var_theory_mean"]
+    if blocks and "block_row" in p:
+        codes = g.ngroup().to_numpy()
+        a["bias2_jk"], loos = np.nan, _loo_column(len(a))
+        for b, rows in _ensembles(p, blocks):
+            sub = p.iloc[rows]
+            y = b.sums[sub["block_row"].to_numpy()] - sub["mu"].to_numpy()[:, None] * b.counts[None, :]
+            local, inverse = np.unique(codes[rows], return_inverse=True)
+            u, loo = jackknife.u_statistic(y, b.counts, inverse, len(local))
+            a.loc[local, "bias2_jk"] = u
+            for i, r in enumerate(local):
+                loos[r] = loo[i]
+        a["bias2_loo"] = loos
     return _relative_errors(a)
 
 
@@ -246,7 +320,8 @@ def _relative_errors(a: pd.DataFrame) -> pd.DataFrame:
     a["rel_err"] = _sqrt_ratio(a["err_ss"], scale_ss)
     a["rel_noise"] = _sqrt_ratio(a["se_ss"], scale_ss)
     a["rel_bias"] = _sqrt_ratio(np.maximum(a["err_ss"] - a["se_ss"], 0.0), scale_ss)
-    a["bias2"], a["bias2_lo"], a["bias2_hi"] = excess_interval(a["err_ss"], a["se_ss"], se_ss_var(a["se_ss"], a["draws"]))
+    a["bias2"], a["bias2_lo"], a["bias2_hi"], a["interval"] = _with_jackknife(
+        a, "bias2_jk", ["bias2_loo"], excess_interval(a["err_ss"], a["se_ss"], se_ss_var(a["se_ss"], a["draws"])))
     a["rel_bias_lo"] = _sqrt_ratio(a["bias2_lo"], scale_ss)
     a["rel_bias_hi"] = _sqrt_ratio(a["bias2_hi"], scale_ss)
     return a
@@ -271,7 +346,9 @@ def pooled_errors(agr: pd.DataFrame, by: list[str], steps: str = "after_init") -
         mu_ss=("mu_ss", "sum"),
         std_theory_ss=("std_theory_ss", "sum"),
         var_mean=("var_mean", "mean"),
+        bias2_jk=("bias2_jk", "sum") if "bias2_jk" in a else ("err_ss", lambda x: np.nan),
     ).reset_index()
+    s["bias2_loo"] = _pool_loo(a, by, "bias2_loo") if len(s) else []
     return _relative_errors(s)
 
 
@@ -315,8 +392,10 @@ def convergence(agr: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----- emergent invariance ---------------------------------------------------------------
-def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
-    """Orbit spread of each ensemble's mean (and of the analytic mean) per slice."""
+def orbit_spread(points: pd.DataFrame, blocks: Optional[dict[tuple, Blocks]] = None) -> pd.DataFrame:
+    """Orbit spread of each ensemble's mean (and of the analytic mean) per slice; with
+    ``blocks``, the jackknife's ``spread2_jk`` and ``spread2_loo`` (each block's sums centred on
+    their own orbit average are unbiased for the mean's systematic orbit deviation)."""
     orbit = SLICE + ["sample", "output"]
     g = points.groupby(orbit, sort=False)
     dev = points["mean"] - g["mean"].transform("mean")
@@ -343,6 +422,22 @@ def orbit_spread(points: pd.DataFrame) -> pd.DataFrame:
         mu_ss=("mu2", "sum"),
     ).reset_index()
     a["time"] = a["lr"] * a["step"]
+    if blocks and "block_row" in points:
+        codes = tmp.groupby(SLICE, sort=True).ngroup().to_numpy()
+        orbit_codes = g.ngroup().to_numpy()
+        a["spread2_jk"], loos = np.nan, _loo_column(len(a))
+        for b, rows in _ensembles(points, blocks):
+            y = b.sums[points["block_row"].to_numpy()[rows]]
+            oc_local, oc = np.unique(orbit_codes[rows], return_inverse=True)
+            centre = np.zeros((len(oc_local), y.shape[1]))
+            np.add.at(centre, oc, y)
+            y = y - (centre / np.bincount(oc)[:, None])[oc]
+            local, inverse = np.unique(codes[rows], return_inverse=True)
+            u, loo = jackknife.u_statistic(y, b.counts, inverse, len(local))
+            a.loc[local, "spread2_jk"] = u
+            for i, r in enumerate(local):
+                loos[r] = loo[i]
+        a["spread2_loo"] = loos
     return _spreads(a)
 
 
@@ -354,7 +449,8 @@ def _spreads(a: pd.DataFrame) -> pd.DataFrame:
     a["spread_noise"] = _sqrt_ratio(noise_ss, a["mean_ss"])
     a["theory_spread"] = _sqrt_ratio(a["dev_mu_ss"], a["mu_ss"])
     draws = a["draws"] if "draws" in a else pd.Series(np.nan, index=a.index)
-    est, lo, hi = excess_interval(a["dev_ss"], noise_ss, se_ss_var(noise_ss, draws.fillna(2)))
+    est, lo, hi, a["interval"] = _with_jackknife(a, "spread2_jk", ["spread2_loo"],
+                                                 excess_interval(a["dev_ss"], noise_ss, se_ss_var(noise_ss, draws.fillna(2))))
     a["spread_sys"] = _sqrt_ratio(np.maximum(est, 0.0), a["mean_ss"])
     a["spread_sys_lo"] = _sqrt_ratio(lo, a["mean_ss"])
     a["spread_sys_hi"] = _sqrt_ratio(hi, a["mean_ss"])
@@ -374,7 +470,10 @@ def pooled_spread(spr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         dev_se_ss=("dev_se_ss", _sum_or_nan),
         dev_mu_ss=("dev_mu_ss", "sum"),
         mu_ss=("mu_ss", "sum"),
+        spread2_jk=("spread2_jk", "sum") if "spread2_jk" in s else ("dev_ss", lambda x: np.nan),
     ).reset_index()
+    s_loo = _pool_loo(spr[spr["step"] > 0], by, "spread2_loo")
+    s = s.assign(spread2_loo=s_loo) if len(s_loo) == len(s) else s
     return _spreads(s)
 
 
@@ -435,16 +534,19 @@ def label_controls(gaps: pd.DataFrame) -> pd.DataFrame:
     return out[~((gaps["kind"] == "control").to_numpy() & ~differ)].reset_index(drop=True)
 
 
-def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
-    """Gap between the ensemble means of each pair, per (width, lr, step, eval set); widths matched."""
+def pair_gaps(points: pd.DataFrame, pairs: list[dict], blocks: Optional[dict[tuple, Blocks]] = None) -> pd.DataFrame:
+    """Gap between the ensemble means of each pair, per (width, lr, step, eval set); widths
+    matched. With ``blocks``, the jackknife's ``gap2_jk``, ``gap2_loo_a`` and ``gap2_loo_b``."""
     keys = [k for k in POINT_KEYS if k != "model"]
-    cols = keys + ["mean", "se", "mu", "members", "draws"]
+    blocks = blocks or {}
+    points = points.assign(block_row=points["block_row"] if "block_row" in points else -1)
+    cols = keys + ["mean", "se", "mu", "members", "draws", "block_row"]
     by_model = {m: g[cols] for m, g in with_draws(points).groupby("model", sort=False)}
     frames = []
     for pr in pairs:
         if pr["a"] not in by_model or pr["b"] not in by_model:
             continue
-        j = by_model[pr["a"]].merge(by_model[pr["b"]], on=keys, suffixes=("_a", "_b"))
+        j = by_model[pr["a"]].merge(by_model[pr["b"]], on=keys, suffixes=("_a", "_b")).assign(lr_b=lambda f: f["lr"])
         if j.empty and pr["kind"] == "control":
             # a control needs no common training time, only analytic means that differ: a
             # non-augmented model may need its own (smaller) lr, so match it step for step
@@ -452,7 +554,7 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
             lrs_a, lrs_b = by_model[pr["a"]]["lr"].unique(), by_model[pr["b"]]["lr"].unique()
             if len(lrs_a) == 1 and len(lrs_b) == 1:
                 on = [k for k in keys if k != "lr"]
-                j = by_model[pr["a"]].merge(by_model[pr["b"]].drop(columns="lr"), on=on, suffixes=("_a", "_b"))
+                j = by_model[pr["a"]].merge(by_model[pr["b"]].rename(columns={"lr": "lr_b"}), on=on, suffixes=("_a", "_b"))
         if j.empty:
             continue
         diff = j["mean_a"] - j["mean_b"]
@@ -472,6 +574,9 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
             mu_diff_ss=("mu_diff2", _sum_or_nan),
             mu_ss=("mu_norm2", _sum_or_nan), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
         ).reset_index()
+        if blocks:
+            _gap_jackknife(a, j, tmp.groupby(["width", "lr", "step", "eval_set"], sort=True).ngroup().to_numpy(),
+                           blocks, pr["a"], pr["b"])
         a.insert(0, "kind", pr["kind"])
         a.insert(0, "b", pr["b"])
         a.insert(0, "a", pr["a"])
@@ -482,6 +587,27 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     out["time"] = out["lr"] * out["step"]
     return _gaps(out)
+
+
+def _gap_jackknife(a: pd.DataFrame, j: pd.DataFrame, codes: np.ndarray, blocks: dict[tuple, Blocks],
+                   model_a: str, model_b: str) -> None:
+    """Add ``gap2_jk``, ``gap2_loo_a``, ``gap2_loo_b`` to the pair's rows ``a`` from the matched
+    points ``j`` (each point's row of ``a`` in ``codes``)."""
+    a["gap2_jk"] = np.nan
+    loo_a, loo_b = _loo_column(len(a)), _loo_column(len(a))
+    for (width, lr, lr_b), rows in j.groupby(["width", "lr", "lr_b"], sort=False).indices.items():
+        ba = blocks.get((model_a, int(width), float(lr)))
+        bb = blocks.get((model_b, int(width), float(lr_b)))
+        if ba is None or bb is None:
+            continue
+        sub = j.iloc[rows]
+        local, inverse = np.unique(codes[rows], return_inverse=True)
+        g, la, lb = jackknife.gap_statistic(ba.sums[sub["block_row_a"].to_numpy()], ba.counts,
+                                            bb.sums[sub["block_row_b"].to_numpy()], bb.counts, inverse, len(local))
+        a.loc[local, "gap2_jk"] = g
+        for i, r in enumerate(local):
+            loo_a[r], loo_b[r] = la[i], lb[i]
+    a["gap2_loo_a"], a["gap2_loo_b"] = loo_a, loo_b
 
 
 def _sum_or_nan(s: pd.Series) -> float:
@@ -498,7 +624,8 @@ def _gaps(a: pd.DataFrame) -> pd.DataFrame:
     draws_a = a["draws_a"] if "draws_a" in a else a["members_a"]
     draws_b = a["draws_b"] if "draws_b" in a else a["members_b"]
     v = se_ss_var(a["se_a_ss"], draws_a) + se_ss_var(a["se_b_ss"], draws_b)
-    est, lo, hi = excess_interval(a["diff_ss"], a["comb_ss"], v)
+    est, lo, hi, a["interval"] = _with_jackknife(a, "gap2_jk", ["gap2_loo_a", "gap2_loo_b"],
+                                                 excess_interval(a["diff_ss"], a["comb_ss"], v))
     a["rel_gap_est"] = _sqrt_ratio(np.maximum(est, 0.0), a["mu_ss"])
     a["rel_gap_lo"] = _sqrt_ratio(lo, a["mu_ss"])
     a["rel_gap_hi"] = _sqrt_ratio(hi, a["mu_ss"])
@@ -515,7 +642,10 @@ def pooled_gaps(gaps: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         se_a_ss=("se_a_ss", "sum"), se_b_ss=("se_b_ss", "sum"), mu_diff_ss=("mu_diff_ss", _sum_or_nan), mu_ss=("mu_ss", _sum_or_nan),
         members_a=("members_a", "min"), members_b=("members_b", "min"),
         draws_a=("draws_a", "min"), draws_b=("draws_b", "min"),
+        gap2_jk=("gap2_jk", "sum") if "gap2_jk" in g else ("diff_ss", lambda x: np.nan),
     ).reset_index()
+    late = g[g["step"] > 0]
+    s["gap2_loo_a"], s["gap2_loo_b"] = _pool_loo(late, by, "gap2_loo_a"), _pool_loo(late, by, "gap2_loo_b")
     return _gaps(s)
 
 
@@ -531,18 +661,20 @@ def spec_table(specs: list[ModelSpec], widths: dict[str, list[int]]) -> pd.DataF
 
 
 def build_tables(stats: pd.DataFrame, theories: dict, specs: list[ModelSpec],
-                 widths: Optional[dict[str, list[int]]] = None) -> dict[str, pd.DataFrame]:
-    """Every analysis table from the ensemble statistics and the analytic predictions."""
+                 widths: Optional[dict[str, list[int]]] = None,
+                 blocks: Optional[dict[tuple, Blocks]] = None) -> dict[str, pd.DataFrame]:
+    """Every analysis table from the ensemble statistics, the analytic predictions and (where
+    the parts store them) the blocks of independent draws."""
     points = add_theory(stats, theories)
-    agr = agreement(points)
+    agr = agreement(points, blocks)
     widths = widths or {s.name: sorted(points.loc[points["model"] == s.name, "width"].unique()) for s in specs}
     return dict(
         models=spec_table(specs, widths),
         points=points,
         agreement=agr,
         convergence=convergence(agr),
-        invariance=orbit_spread(points),
-        pairs=label_controls(pair_gaps(points, model_pairs(specs))),
+        invariance=orbit_spread(points, blocks),
+        pairs=label_controls(pair_gaps(points, model_pairs(specs), blocks)),
         theory=pd.DataFrame([
             dict(model=t.model, lr=t.lr, status=t.status, error=t.error or "",
                  seconds=round(t.seconds, 3), cached=t.cached, note=getattr(t, "note", ""))

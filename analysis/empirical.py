@@ -30,15 +30,30 @@ steps would make the ensemble differ from step to step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # One ensemble statistic per row of these keys.
 POINT_KEYS = ["model", "width", "lr", "step", "eval_set", "sample", "group_element", "output"]
 # The columns ``ensemble_stats`` reads, and those that older results may lack.
 COLUMNS = POINT_KEYS + ["unit_id", "count", "sum", "sumsq"]
 OPTIONAL = ["orbit_devsq", "pair_sumsq", "pair_orbit_devsq"]
+# What ``ensemble_blocks`` reads besides ``COLUMNS`` (older results lack the blocks).
+BLOCK_COLUMNS = ["member_start", "block_sum", "block_count"]
+ENSEMBLE = ["model", "width", "lr"]
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One ensemble's independent draws in blocks: ``sums`` ``[points, K]`` (rows in the order of
+    ``ensemble_stats``'s rows of that ensemble, ``block_row``) and the block sizes ``counts`` ``[K]``."""
+
+    counts: np.ndarray
+    sums: np.ndarray
 
 
 def ensemble_stats(table: pa.Table) -> pd.DataFrame:
@@ -77,7 +92,46 @@ def ensemble_stats(table: pa.Table) -> pd.DataFrame:
     df["orbit_devsq"] = devsq
     df["mean"], df["var"], df["se"] = mean, var, se
     df["time"] = df["lr"] * df["step"]
-    return df.sort_values(POINT_KEYS, kind="stable").reset_index(drop=True)
+    df = df.sort_values(POINT_KEYS, kind="stable").reset_index(drop=True)
+    df["block_row"] = df.groupby(ENSEMBLE, sort=False).cumcount().astype(np.int64)
+    return df
+
+
+def ensemble_blocks(table: pa.Table) -> dict[tuple, Blocks]:
+    """``(model, width, lr) -> Blocks`` from the part rows in ``table`` (``COLUMNS`` and
+    ``BLOCK_COLUMNS``): each point's blocks are its parts' blocks in member order. Ensembles
+    whose parts lack blocks (written before they existed) or whose points disagree on the
+    blocks are left out; their intervals fall back to the worst-case bound."""
+    if not all(c in table.column_names for c in BLOCK_COLUMNS):
+        return {}
+    keys = table.select(POINT_KEYS + ["member_start"]).to_pandas()
+    keys["model"] = keys["model"].astype(str)
+    keys["eval_set"] = keys["eval_set"].astype(str)
+    keys = keys.sort_values(POINT_KEYS + ["member_start"], kind="stable")
+    order = keys.index.to_numpy()
+    keys = keys.reset_index(drop=True)
+    sums, counts = table["block_sum"].take(pa.array(order)), table["block_count"].take(pa.array(order))
+    lengths = pc.fill_null(pc.list_value_length(sums), -1).to_numpy(zero_copy_only=False)
+    if (lengths < 0).any():
+        return {}
+    flat_s = pc.list_flatten(sums).to_numpy(zero_copy_only=False).astype(np.float64)
+    flat_n = pc.list_flatten(counts).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    out = {}
+    for key, rows in keys.groupby(ENSEMBLE, sort=False).indices.items():
+        # a point's rows are consecutive (sorted by point, then member); all points have the same blocks
+        point = keys.iloc[rows][POINT_KEYS[3:]].to_numpy()
+        first = np.r_[True, (point[1:] != point[:-1]).any(axis=1)]
+        per_point = np.add.reduceat(lengths[rows], np.flatnonzero(first))
+        if len(per_point) == 0 or (per_point != per_point[0]).any() or per_point[0] == 0:
+            continue
+        k = int(per_point[0])
+        lo, hi = starts[rows[0]], starts[rows[-1] + 1]
+        n = flat_n[lo:hi].reshape(-1, k)
+        if (n != n[0]).any():
+            continue
+        out[(str(key[0]), int(key[1]), float(key[2]))] = Blocks(counts=n[0].astype(np.float64), sums=flat_s[lo:hi].reshape(-1, k))
+    return out
 
 
 def empty_stats() -> pd.DataFrame:

@@ -135,10 +135,11 @@ identically, so there the scale is the RMS analytic standard deviation instead (
 <code>rel_noise</code> = RMS(SE)/scale is what the finite ensemble alone explains.</li>
 <li>Gap of a pair: RMS(mean_A - mean_B) / RMS(sqrt(SE_A^2 + SE_B^2)) over matching points (same width, step, eval set, sample,
 orbit point, output); the analytic gap uses mu_A - mu_B.</li>
-<li>Noise removed, with 95% intervals (docs/theory.md §5.4): over any pool of points, E = sum (mean - mu)^2 and S = sum SE^2;
-E - S estimates the squared systematic part B^2, and the interval is every B^2 &ge; 0 with |E - S - B^2| &le; 1.96 sqrt(2 S^2 +
-var(S) + 4 B^2 S), the noise variance of E when all points are perfectly correlated (the members are shared), so it holds
-whatever the correlation. Relative sizes divide by RMS(mu). The same for pair gaps (mean_A - mean_B, relative to RMS of both
+<li>Noise removed, with 95% intervals (docs/theory.md §5.4, §5.6): over any pool of points, E = sum (mean - mu)^2 and S = sum SE^2;
+E - S estimates the squared systematic part B^2. Where the results store blocks of independent draws (8 or more), the estimate
+is the blocks' unbiased one and the interval the delete-one-block jackknife's (Student t), which holds whatever the correlation
+between points; otherwise it is every B^2 &ge; 0 with |E - S - B^2| &le; 1.96 sqrt(2 S^2 + var(S) + 4 B^2 S), the noise variance
+of E when all points are perfectly correlated. The <code>interval</code> column of the tables says which. Relative sizes divide by RMS(mu). The same for pair gaps (mean_A - mean_B, relative to RMS of both
 analytic means) and orbit spreads. The exponent in width is a weighted least-squares fit of log B against log width over the
 widths whose B is resolved.</li>
 <li>Answers: <b>differs</b> when an interval excludes 0 (at the final step or pooled over steps); <b>agrees</b> when it does not

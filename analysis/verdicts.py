@@ -2,7 +2,8 @@
 
 Each verdict opens with its answer, ``agrees``, ``differs`` or ``inconclusive``, and its key
 number with a 95% interval (``Verdict``); the details follow. Sizes are relative, with the
-ensembles' noise removed (``analysis.compare.excess_interval``, docs/theory.md §5.4), so an
+ensembles' noise removed (``analysis.compare``: the blocks' jackknife, docs/theory.md §5.6, or
+the worst-case bound of §5.4 for results without blocks), so an
 "equal" always states the largest difference the data leave possible: the upper end of the
 interval. An equality the study could not have refuted (the interval reaches past
 ``POWER_REL``, or the theorem's positive control is not resolved) is ``inconclusive``.

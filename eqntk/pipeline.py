@@ -67,20 +67,22 @@ def unit_table(out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_ensembles(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(stats, units)``: ensemble statistics over the units that finished, and the unit table.
+def load_ensembles(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``(stats, units, blocks)``: ensemble statistics over the units that finished, the unit
+    table, and each ensemble's blocks of independent draws (``analysis.empirical``).
 
     Diverged units are left out as a whole (``analysis.empirical``); only the columns the
     statistics need are read."""
     units = unit_table(out)
     if not (units["state"] == "done").any():
-        return empirical.empty_stats(), units
+        return empirical.empty_stats(), units, {}
     diverged = units.loc[units["state"] == "diverged", "unit_id"].tolist()
     flt = None
     if diverged:
         flt = ~pc.is_in(ds.field("unit_id"), value_set=pa.array(diverged, pa.string()))
-    table = read_predictions(out, columns=empirical.COLUMNS, filter=flt, optional=empirical.OPTIONAL)
-    return empirical.ensemble_stats(table), units
+    table = read_predictions(out, columns=empirical.COLUMNS, filter=flt,
+                             optional=empirical.OPTIONAL + empirical.BLOCK_COLUMNS)
+    return empirical.ensemble_stats(table), units, empirical.ensemble_blocks(table)
 
 
 def _unit_states(out: Path) -> dict[str, str]:
@@ -101,12 +103,12 @@ def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optiona
     resolved = store.resolved_study()
     cfg = study_from_dict(resolved["config"])
     specs = cfg.model_specs
-    stats, units = load_ensembles(out)
+    stats, units, blocks = load_ensembles(out)
     t1 = time.perf_counter()
     theories = theory.study_theory(cfg, resolved["log_steps"], resolved["data_digest"], store.load_data,
                                    analysis_dir(out), kernel_fn=kernel_fn, log=log, workers=workers)
     t2 = time.perf_counter()
-    tables = compare.build_tables(stats, theories, specs, {s.name: cfg.widths_of(s.name) for s in specs})
+    tables = compare.build_tables(stats, theories, specs, {s.name: cfg.widths_of(s.name) for s in specs}, blocks)
     tables["units"] = units
     t3 = time.perf_counter()
     d = analysis_dir(out)
@@ -116,8 +118,9 @@ def analyze(out: Path, *, kernel_fn: Optional[Callable] = None, workers: Optiona
         with atomic_path(d / f"{name}.parquet") as tmp:
             df.to_parquet(tmp, index=False)
         if name not in NO_CSV:
+            # the leave-one-block-out arrays are for pooling, not for reading: Parquet only
             with atomic_path(d / f"{name}.csv") as tmp:
-                df.to_csv(tmp, index=False)
+                df.drop(columns=[c for c in df if "_loo" in c]).to_csv(tmp, index=False)
     manifest = dict(
         units=dict(zip(units["unit_id"], units["state"])),
         seconds=dict(read=round(t1 - t0, 2), theory=round(t2 - t1, 2), compare=round(t3 - t2, 2),

@@ -68,8 +68,17 @@ PART_SCHEMA = pa.schema(
         # pair means are independent, so they give the standard error (docs/theory.md §5).
         ("pair_sumsq", pa.float64()),
         ("pair_orbit_devsq", pa.float64()),
+        # the unit's independent draws (members, or antithetic pair means) split into at most
+        # MAX_BLOCKS consecutive blocks: each block's sum and draw count. Blocks are
+        # independent, so the analysis can jackknife over them for intervals that need no
+        # assumption on how the points correlate (analysis.jackknife, docs/theory.md §5.6).
+        ("block_sum", pa.list_(pa.float64())),
+        ("block_count", pa.list_(pa.int32())),
     ]
 )
+# Blocks a unit's draws are split into; 16 keeps a part small and, over the units of an
+# ensemble, leaves enough blocks (16 for one unit of 32 paired members) for a jackknife.
+MAX_BLOCKS = 16
 MEMBER_FIELDS = [("member", pa.int32()), ("prediction", pa.float64())]
 
 
@@ -120,6 +129,7 @@ class PartWriter:
                 orbit_devsq=devsq.sum(axis=0).reshape(-1),
             )
         cols.update(_pair_sums(preds, u.model.pairing == "antithetic", u.store_members))
+        cols.update(_block_sums(preds, u.model.pairing == "antithetic", u.store_members))
         const = dict(
             unit_id=u.unit_id,
             arch=u.model.arch,
@@ -140,6 +150,9 @@ class PartWriter:
                 arrays.append(pa.array(np.full(rows, const[f.name]) if not isinstance(const[f.name], str) else [const[f.name]] * rows, f.type))
             elif f.name in ("sample", "group_element", "output"):
                 arrays.append(pa.array({"sample": sample, "group_element": elem, "output": out}[f.name], f.type))
+            elif f.name in ("block_sum", "block_count"):
+                values, offsets = cols[f.name]
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, f.type.value_type)))
             else:
                 arrays.append(pa.array(cols[f.name], f.type))
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
@@ -184,6 +197,33 @@ def _pair_sums(preds: np.ndarray, antithetic: bool, per_member: bool) -> dict[st
         else:
             out[name] = per_pair.sum(axis=0).reshape(-1)
     return out
+
+
+def _block_sums(preds: np.ndarray, antithetic: bool, per_member: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``block_sum`` and ``block_count`` of ``preds`` ``[m, n, |G|, k]`` as (flat values, list
+    offsets) per row. The draws (members, or the means of pairs 2j, 2j+1) are split into
+    ``min(draws, MAX_BLOCKS)`` consecutive blocks of near-equal size. With ``per_member`` each
+    member row holds its own draw as one block (a pair's mean on its first member, an empty
+    list on the second), so concatenating a point's rows in member order gives the blocks."""
+    m = preds.shape[0]
+    draws = preds.reshape(m // 2, 2, *preds.shape[1:]).mean(axis=1) if antithetic else preds
+    d, rows = draws.shape[0], preds[0].size
+    flat = draws.reshape(d, rows)
+    if per_member:
+        step = 2 if antithetic else 1
+        lengths = np.zeros((m, rows), np.int32)
+        lengths[0::step] = 1
+        values = np.zeros((m, rows))
+        values[0::step] = flat
+        offsets = np.concatenate([[0], np.cumsum(lengths.reshape(-1))])
+        keep = lengths.reshape(-1) == 1
+        return {"block_sum": (values.reshape(-1)[keep], offsets),
+                "block_count": (np.ones(int(keep.sum()), np.int32), offsets)}
+    groups = np.array_split(np.arange(d), min(d, MAX_BLOCKS))
+    sums = np.stack([flat[g].sum(axis=0) for g in groups], axis=1)  # [rows, blocks]
+    counts = np.tile(np.array([len(g) for g in groups], np.int32), rows)
+    offsets = np.arange(rows + 1) * len(groups)
+    return {"block_sum": (sums.reshape(-1), offsets), "block_count": (counts, offsets)}
 
 
 class ResultStore:
