@@ -1,6 +1,7 @@
 """The ``eqntk`` command line.
 
     eqntk validate STUDY            check a study file and print its plan of work
+    eqntk plan STUDY [--cpus N] [--gpus N] [--nodes N]   predicted time, memory and result size
     eqntk run [STUDY] [--out DIR]   run it (the built-in study without STUDY), then analyse
     eqntk status DIR                how far the work has got
     eqntk analyze DIR               the tables
@@ -19,12 +20,21 @@ from pathlib import Path
 
 from study.config import StudyError, builtin_study_path
 
+from . import plan
 from .kinds import RunOptions, kind_of_dir, kind_of_study
 
 
 def cmd_validate(args) -> int:
     study = Path(args.study)
     return kind_of_study(study).validate(study)
+
+
+def cmd_plan(args) -> int:
+    resources = plan.default_resources(args.cpus, args.gpus, args.nodes)
+    p = plan.plan_study(Path(args.study), resources, log=lambda m: print(m, file=sys.stderr))
+    for line in plan.lines(p):
+        print(line)
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -64,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a study file and print its units")
     v.add_argument("study")
     v.set_defaults(fn=cmd_validate)
+    pl = sub.add_parser("plan", help="predicted wall time, memory per unit and result size (calibrated on this machine)")
+    pl.add_argument("study")
+    pl.add_argument("--cpus", type=int, help="CPUs in all (default: this machine's, times --nodes)")
+    pl.add_argument("--gpus", type=int, help="GPUs in all (units then train one per GPU)")
+    pl.add_argument("--nodes", type=int, help="machines the CPUs and GPUs are spread over (default 1)")
+    pl.set_defaults(fn=cmd_plan)
     r = sub.add_parser("run", help="run a study (the built-in one without STUDY)")
     r.add_argument("study", nargs="?")
     r.add_argument("--out", help="results directory (default results/<study name>)")

@@ -1,0 +1,201 @@
+"""``eqntk plan`` and the cost model (``eqntk.cost``): the plan of a study is printed with
+per-model and total times, the prediction grows with every size, bad input is refused like
+``validate`` does (exit 2, one line, within seconds), and the calibration is measured once
+per machine and read back from its cache.
+
+The fast tests price with a fixed, hand-made calibration (``fixed_calibration``) so that
+they do not depend on how busy the machine is; one test runs the real benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace as dc_replace
+from pathlib import Path
+
+import pytest
+
+from eqntk import cost, plan
+from eqntk.cli import main
+from eqntk.kinds.ensemble import Prepared
+from study.spec import ModelSpec
+from test_config import CASES, GOOD, replace, write
+
+# Rates of the order this 2-core machine measures (one thread), fixed for the tests.
+RATES = dict(mm_flops=1e11, conv_flops=1e11, memory=5e9, index=2e8, op_seconds=8e-6, pass_seconds=3e-4,
+             worker_seconds=5.0, part_bytes_per_row=85.0, write_seconds_per_row=2e-6, write_seconds_per_call=2e-3)
+
+
+@pytest.fixture
+def fixed_calibration(tmp_path, monkeypatch):
+    """A calibration for this machine written into a private cache (nothing is measured),
+    with the kernel pairs of every model priced at 0.1 ms."""
+    monkeypatch.setenv("EQNTK_CACHE", str(tmp_path / "cache"))
+    cal = cost.Calibration(machine=cost.machine_key(), **RATES)
+    cal.save()
+    monkeypatch.setattr(cost, "pair_seconds", lambda spec, x, n_out, mean, cal: (0.01, 1e-4))
+    return cal
+
+
+def study(tmp_path: Path, text: str = GOOD, name: str = "study.yaml") -> Path:
+    return write(tmp_path, text, name)
+
+
+def test_plan_prints_models_totals_and_dominant_units(tmp_path, fixed_calibration, capsys):
+    path = study(tmp_path, replace(GOOD, "  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}",
+                                   "  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}\n"
+                                   "  - {name: gcnn, arch: gcnn, depth: 2, widths: [2, 4]}"))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    for model in ("mlp", "gmlp", "gcnn"):
+        assert any(line.split()[:1] == [model] for line in out.splitlines()), out
+    assert "wall time:" in out and "total" in out and "dominant units" in out and "results on disk" in out
+    p = plan.plan_study(path, plan.Resources(cpus=2))
+    assert len(p.units) == len(Prepared(path).units)
+    assert all(u.seconds > 0 and u.memory_bytes > 0 and u.result_bytes > 0 for u in p.units)
+    # the phases add up to the total, and training on 2 slots is at least half the unit time
+    assert p.total_seconds == pytest.approx(sum(p.phases.values()))
+    assert p.phases["training"] >= sum(u.seconds for u in p.units) / 2
+
+
+def test_prediction_grows_with_every_size(tmp_path, fixed_calibration):
+    """More width, members, steps, logs, training or eval inputs: never cheaper."""
+    base = replace(GOOD, "ensemble_size: 4", "ensemble_size: 8\nmembers_per_unit: 8")
+
+    def unit_seconds(text: str, model: str = "mlp") -> list[float]:
+        p = plan.plan_study(study(tmp_path, text, f"s{abs(hash(text))}.yaml"), plan.Resources(cpus=1))
+        return [u.seconds for u in p.units if u.model == model]
+
+    widths = unit_seconds(replace(base, "widths: [8, 16]", "widths: [8, 64, 512, 4096]"))
+    assert widths == sorted(widths) and widths[-1] > widths[0]
+    one = unit_seconds(base)[0]
+    bigger = [
+        replace(base, "ensemble_size: 8\nmembers_per_unit: 8", "ensemble_size: 32\nmembers_per_unit: 32"),
+        replace(base, "steps: 20", "steps: 200"),
+        replace(base, "log_steps: [0, 5, 20]", "log_steps: [0, 1, 2, 5, 10, 20]"),
+        replace(base, "train: {source: digits, n: 8}", "train: {source: digits, n: 64}"),
+        replace(base, "{source: gaussian, n: 4}", "{source: gaussian, n: 64}"),
+    ]
+    for text in bigger:
+        assert unit_seconds(text)[0] > one, text
+    # more CPUs never make the study slower, and two slots at most halve the training
+    path = study(tmp_path, base, "cpus.yaml")
+    t = [plan.plan_study(path, plan.Resources(cpus=c)).phases["training"] for c in (1, 2, 4)]
+    assert t[0] >= t[1] >= t[2] and t[1] >= t[0] / 2 - 1e-9
+
+
+def test_gpu_slots_and_nodes(tmp_path, fixed_calibration, capsys):
+    path = study(tmp_path)
+    cpu = plan.plan_study(path, plan.Resources(cpus=2))
+    gpu = plan.plan_study(path, plan.Resources(cpus=2, gpus=4))
+    assert gpu.slot_kind == "GPU" and gpu.slots == 4
+    assert sum(u.seconds for u in gpu.units) < sum(u.seconds for u in cpu.units)
+    assert any("num_gpus" in n for n in gpu.notes)  # the study asks for none: said so
+    assert main(["plan", str(path), "--gpus", "16", "--nodes", "2"]) == 0
+    assert "16 GPUs on 2 nodes" in capsys.readouterr().out
+
+
+def test_list_schedule():
+    assert plan.list_schedule([], 4) == 0
+    assert plan.list_schedule([3, 3, 3, 3], 2) == 6
+    assert plan.list_schedule([10, 1, 1, 1], 2) == 10
+    assert plan.list_schedule([1, 1], 2, start=5) == 6  # each slot starts its worker once
+    assert plan.list_schedule([1] * 10, 1, start=5) == 15
+
+
+def test_memory_and_result_size_follow_the_footprint(tmp_path, fixed_calibration):
+    """Memory per unit: the members' parameter copies (workers.footprint) plus the worker; the
+    result: rows = logs x (train + eval) inputs x |G| x outputs."""
+    path = study(tmp_path)
+    p = plan.plan_study(path, plan.Resources(cpus=2))
+    prep = Prepared(path)
+    n_rows = 3 * (8 + 4) * 4 * 10  # 3 logs, 8 training + 4 eval inputs, C4, 10 outputs
+    for u in p.units:
+        assert u.rows == n_rows
+        assert u.result_bytes == pytest.approx(n_rows * RATES["part_bytes_per_row"])
+        assert u.memory_bytes > cost.WORKER_BYTES
+    assert len(p.units) == len(prep.units)
+
+
+@pytest.mark.parametrize("case,text,files,words", CASES, ids=[c[0] for c in CASES])
+def test_plan_refuses_bad_input_like_validate(tmp_path, fixed_calibration, capsys, case, text, files, words):
+    path = study(tmp_path, text)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    t0 = time.perf_counter()
+    code = main(["plan", str(path)])
+    assert time.perf_counter() - t0 < 5, "plan must answer within seconds"
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("flag,value", [("--cpus", "0"), ("--nodes", "0"), ("--gpus", "-1")])
+def test_plan_refuses_bad_resources(tmp_path, fixed_calibration, capsys, flag, value):
+    assert main(["plan", str(study(tmp_path)), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and len(err.splitlines()) == 1
+
+
+def test_validate_unchanged(tmp_path, capsys):
+    assert main(["validate", str(study(tmp_path))]) == 0
+    assert "study tiny: valid" in capsys.readouterr().out
+
+
+def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
+    """The real benchmark: a few seconds, its fit reproduces the reference passes it was fitted
+    to within 2x (a busy machine varies more than that between runs, but not within one fit),
+    and a second call reads the cache; a damaged cache is measured again."""
+    monkeypatch.setenv("EQNTK_CACHE", str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    cal = cost.load_calibration()
+    assert time.perf_counter() - t0 < 60
+    assert cal.machine == cost.machine_key()
+    path = cost.calibration_path(cal.machine)
+    assert path.is_file() and path.parent == tmp_path / "cache"
+    for name, measured, fitted in cal.references:
+        assert 0.5 < measured / fitted < 2, (name, measured, fitted)
+    again = cost.load_calibration()
+    assert again.measured_at == cal.measured_at  # from the cache, not measured again
+    other = dict(cal.machine, host="elsewhere")
+    assert cost.calibration_path(other) != path  # another machine, another cache entry
+    path.write_text("{not json")
+    monkeypatch.setattr(cost, "calibrate", lambda: dc_replace(cal, measured_at=-1.0))
+    assert cost.load_calibration().measured_at == -1.0
+    assert json.loads(path.read_text())["measured_at"] == -1.0
+
+
+def test_kernel_pair_cost_is_cached_per_model(tmp_path, fixed_calibration, monkeypatch):
+    """The per-pair cost of a model's kernel is timed once and kept with the calibration."""
+    private = fixed_calibration.path().parent
+    monkeypatch.undo()  # the real pair_seconds, the private cache kept
+    monkeypatch.setenv("EQNTK_CACHE", str(private))
+    cal = cost.load_calibration()
+    prep = Prepared(study(tmp_path))
+    spec = prep.cfg.model_specs[0]
+    setup, per_pair = cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal)
+    assert setup >= 0 and per_pair >= 0
+    stored = json.loads(cal.path().read_text())["pair_seconds"]
+    assert list(stored.values()) == [[setup, per_pair]]
+    assert cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal) == (setup, per_pair)
+
+
+def test_theory_pairs():
+    """Pairs of the analytic prediction: symmetric training kernel, new test rows, diagonal."""
+    mlp = ModelSpec(name="m", arch="mlp")
+    aug = ModelSpec(name="a", arch="mlp", augmentation="full_orbit")
+    gcnn = ModelSpec(name="g", arch="gcnn")
+    sets = [8, 4]
+    assert cost.theory_pairs(mlp, 8, sets) == dict(train=8, test=48, pairs=36 + 40 * 8 + 48)
+    assert cost.theory_pairs(aug, 8, sets) == dict(train=32, test=48, pairs=32 * 33 // 2 + 16 * 32 + 48)
+    assert cost.theory_pairs(gcnn, 8, sets) == dict(train=8, test=20, pairs=36 + 12 * 8 + 20)
+
+
+def test_plan_of_the_builtin_studies_answers(fixed_calibration, capsys):
+    root = Path(__file__).resolve().parent.parent / "study" / "builtin"
+    for name in ("builtin.yaml", "regression.yaml"):
+        assert main(["plan", str(root / name)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("wall time:") == 2
+
