@@ -35,6 +35,7 @@ import torch
 
 from study.sphere import SO3Spec, SphereMLPSpec, degree_slice, dh_grid, sht, so3_analysis, so3_grid, so3_synthesis
 
+from . import kernel_scratch as scratch
 from .kernel_nonlin import gaussian_factors
 
 __all__ = [
@@ -51,6 +52,9 @@ __all__ = [
 _F64 = torch.float64
 # Bytes for one block of the outer kernel [rows, N2, P, P]; a layer holds ~6 such tensors.
 _BLOCK_BYTES = 64 * 2**20
+# Bytes of one [pairs, P] tensor of the relative mode's pair chunk: small enough that the
+# elementwise passes of the dual activations stay in cache (benchmarks/qm9_kernel_speed.py).
+_PAIR_CHUNK_BYTES = 2 * 2**20
 
 
 def _t(a) -> torch.Tensor:
@@ -200,10 +204,92 @@ class _RelOps:
         self.anal = {L: _t(so3_analysis(grid, L)) for L in set(bands)}
         self.at_e = {L: torch.cat([math.sqrt(2 * l + 1) * torch.eye(2 * l + 1, dtype=_F64).reshape(-1)
                                    for l in range(L)]) for L in set(bands)}
+        # the lifting's synthesis: rows D^l_mn(R_a) without the sqrt(2l+1) of the orthonormal basis
+        L0 = bands[0]
+        scale = torch.cat([torch.full(((2 * l + 1) ** 2,), 1 / math.sqrt(2 * l + 1), dtype=_F64) for l in range(L0)])
+        self.lift = (self.synth[L0] * scale[:, None]).contiguous()
+
+
+def _pair_coefficients(s1: torch.Tensor, s2: torch.Tensor, L: int, outer: bool) -> torch.Tensor:
+    """``G^l_mn = sum_c s1^l_cm s2^l_cn`` for ``l < L``, packed like ``so3_synthesis`` rows:
+    ``[N1, N2, F_L]`` (``outer``) or ``[N, F_L]`` (pairs ``(s1_i, s2_i)``)."""
+    eq = "icm,jcn->ijmn" if outer else "icm,icn->imn"
+    parts = [torch.einsum(eq, s1[..., degree_slice(l)], s2[..., degree_slice(l)]) for l in range(L)]
+    lead = parts[0].shape[:-2]
+    return torch.cat([p.reshape(*lead, -1) for p in parts], dim=-1)
 
 
 def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None):
-    """``(nngp, ntk, values at the identity per nonlinearity)``; ``e1``/``e2`` None on a self pass."""
+    """``(nngp, ntk, values at the identity per nonlinearity)``; ``e1``/``e2`` None on a self pass.
+
+    The lifting kernel is ``K(g) = sw^2/C sum_l sum_mn G^l_mn D^l_mn(g) + sb^2`` with the pair's
+    channel products ``G`` (``_pair_coefficients``): one synthesis matmul per pair,
+    ``O(F P)``, instead of rotating every input on the grid (``O(P C L^2)``, the reference)."""
+    sw2, sb2, sr2 = spec.sigma_w**2, spec.sigma_b**2, spec.readout_sigma_w**2
+    L0 = spec.bands[0]
+    g = _pair_coefficients(s1, s2, L0, outer)
+    k = torch.matmul(g, ops.lift, out=scratch.empty((*g.shape[:-1], ops.w.shape[0]))).mul_(sw2 / spec.channels).add_(sb2)
+    k_e = (torch.einsum("icn,jcn->ij" if outer else "icn,icn->i", s1, s2)) * (sw2 / spec.channels) + sb2
+    theta = k  # the lifting's NTK is its NNGP; neither is modified in place below
+    record = []
+    for layer in range(spec.depth + 1):
+        if e1 is None:
+            v1 = v2 = k_e
+            record.append(k_e)
+        else:
+            v1, v2 = e1[layer], e2[layer]
+        if outer:
+            v1, v2 = v1[:, None, None], v2[None, :, None]
+        else:
+            v1, v2 = v1[:, None], v2[:, None]
+        f = gaussian_factors(spec.nonlin, k, v1, v2, theta)
+        scratch.recycle(k) if theta is k else scratch.recycle(k, theta)
+        psi, dth = f.psi_core.mul_(f.psi_scale), f.dtheta_core.mul_(f.dtheta_scale)
+        if layer < spec.depth:
+            L = spec.bands[layer + 1]
+            cp, ct = (psi @ ops.anal[L]).mul_(sw2), (dth @ ops.anal[L]).mul_(sw2)
+            scratch.recycle(psi, dth)
+            k = torch.matmul(cp, ops.synth[L], out=scratch.empty((*cp.shape[:-1], ops.w.shape[0]))).add_(sb2)
+            k_e = (cp @ ops.at_e[L]).add_(sb2)
+            theta = torch.matmul(ct, ops.synth[L], out=scratch.empty(k.shape)).add_(k)
+        else:
+            nngp = (psi @ ops.w).mul_(sr2).add_(sb2)
+            ntk = (dth @ ops.w).mul_(sr2).add_(nngp)
+            scratch.recycle(psi, dth)
+    return nngp, ntk, record
+
+
+def _so3_relative(spec: SO3Spec, x1, x2=None):
+    """Relative-mode NNGP and NTK. Per input once: SH coefficients and the values at the
+    identity (the self pass). Per pair: the chain of dense matmuls and elementwise maps of
+    ``_rel_run`` over square tiles of pairs with about ``_PAIR_CHUNK_BYTES`` per ``[pairs, P]``
+    tensor (cache-sized: the elementwise passes are memory bound). ``x2 = None``: only the
+    tiles on and above the diagonal, the rest by symmetry (the relative-mode kernel is
+    symmetric to round-off)."""
+    ops = _RelOps(spec.B, spec.bands)
+    L0 = spec.bands[0]
+    s1 = lift_coefficients(x1, spec.L_in, L0)
+    s2 = s1 if x2 is None else lift_coefficients(x2, spec.L_in, L0)
+    e1 = _rel_run(spec, ops, s1, s1, outer=False)[2]
+    e2 = e1 if x2 is None else _rel_run(spec, ops, s2, s2, outer=False)[2]
+    n1, n2, P = s1.shape[0], s2.shape[0], ops.w.shape[0]
+    sym = x2 is None
+    side = max(1, math.isqrt(max(1, _PAIR_CHUNK_BYTES // (8 * P))))
+    nngp, ntk = torch.empty((n1, n2), dtype=_F64), torch.empty((n1, n2), dtype=_F64)
+    for r in range(0, n1, side):
+        for c in range(r if sym else 0, n2, side):
+            i, j = slice(r, min(r + side, n1)), slice(c, min(c + side, n2))
+            nngp[i, j], ntk[i, j], _ = _rel_run(spec, ops, s1[i], s2[j], True, [v[i] for v in e1], [v[j] for v in e2])
+            if sym and c != r:
+                nngp[j, i], ntk[j, i] = nngp[i, j].T, ntk[i, j].T
+    if sym:  # a diagonal tile computed (i, j) and (j, i) apart: keep one, so the matrix is exactly symmetric
+        nngp, ntk = [torch.triu(m) + torch.triu(m, diagonal=1).T for m in (nngp, ntk)]
+    return nngp, ntk
+
+
+def _rel_run_reference(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None):
+    """The first implementation (lifting by rotating every input on the grid, ``O(P C L^2)`` per
+    pair), kept as the reference the fast path is tested and benchmarked against."""
     sw2, sb2, sr2 = spec.sigma_w**2, spec.sigma_b**2, spec.readout_sigma_w**2
     k = None
     for l in range(spec.bands[0]):
@@ -238,15 +324,15 @@ def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None)
     return nngp, ntk, record
 
 
-def _so3_relative(spec: SO3Spec, x1, x2=None):
+def _so3_relative_reference(spec: SO3Spec, x1, x2=None):
     ops = _RelOps(spec.B, spec.bands)
     L0 = spec.bands[0]
     s1 = lift_coefficients(x1, spec.L_in, L0)
     s2 = s1 if x2 is None else lift_coefficients(x2, spec.L_in, L0)
-    e1 = _rel_run(spec, ops, s1, s1, outer=False)[2]
-    e2 = e1 if x2 is None else _rel_run(spec, ops, s2, s2, outer=False)[2]
+    e1 = _rel_run_reference(spec, ops, s1, s1, outer=False)[2]
+    e2 = e1 if x2 is None else _rel_run_reference(spec, ops, s2, s2, outer=False)[2]
     rows = max(1, _BLOCK_BYTES // (8 * ops.w.shape[0] * max(1, s2.shape[0]) * 4))
-    return _in_row_blocks(lambda sl: _rel_run(spec, ops, s1[sl], s2, True, [v[sl] for v in e1], e2),
+    return _in_row_blocks(lambda sl: _rel_run_reference(spec, ops, s1[sl], s2, True, [v[sl] for v in e1], e2),
                           s1.shape[0], rows)
 
 
