@@ -138,8 +138,10 @@ class MoleculesSource(_Strict):
     atom's environment a multi-channel signal on the DH grid of bandwidth ``L``. Kernel-regression
     studies only (``data.train`` and ``regression.test``). ``set``: ``builtin`` (the PySCF
     conformer set made and cached on this machine; ``n_conformers``, ``method``), ``qm9`` (the
-    release at ``path``; ``limit`` reads the first molecules in gdb order) or ``npz`` (a saved
-    ``MoleculeSet`` at ``path``). The set is taken in a fixed seeded order; ``start`` skips
+    CSVs of the installed ``qm9pack`` package when ``path`` is left out, a folder of such
+    ``qm9_part*.csv`` files, or the dsgdb9nsd release at ``path``; ``limit`` reads the first
+    molecules in gdb order; ``target``: ``U0_atomisation`` (default) or, from the CSVs, any
+    numeric column by name) or ``npz`` (a saved ``MoleculeSet`` at ``path``). The set is taken in a fixed seeded order; ``start`` skips
     into it and ``n`` keeps that many (default: the rest). ``oversample``: environments are
     sampled on the DH grid of bandwidth ``oversample * L`` and projected onto degrees ``< L``
     (then rotations act exactly on them); 1 samples them directly on the ``L`` grid (aliased)."""
@@ -155,6 +157,7 @@ class MoleculesSource(_Strict):
     n_conformers: int = Field(16, gt=0)
     method: str = "HF/6-31G"
     limit: Optional[int] = Field(None, gt=0)
+    target: Optional[str] = None
 
     @model_validator(mode="after")
     def _fields_of_set(self) -> "MoleculesSource":
@@ -162,8 +165,10 @@ class MoleculesSource(_Strict):
         defaults = {f: type(self).model_fields[f].default for f in ("n_conformers", "method")}
         if self.set == "builtin" and self.path is not None:
             raise ValueError("path: set builtin is made on this machine and reads no file; remove path or use set: qm9 | npz")
-        if self.set != "builtin" and self.path is None:
+        if self.set == "npz" and self.path is None:
             raise ValueError(f"path: set {self.set} reads a file; add path: <file> (relative to the study file)")
+        if self.set != "qm9" and self.target is not None:
+            raise ValueError("target: only set qm9 has it; remove it")
         for f, default in defaults.items():
             if self.set != "builtin" and getattr(self, f) != default:
                 raise ValueError(f"{f}: only set builtin has it; remove it")
@@ -264,6 +269,25 @@ class LogSpacedSizes(_Strict):
         return self
 
 
+class DescriptorKernel(_Strict):
+    """A molecule-level kernel on a descriptor from chemistry, fitted beside the models
+    (``source: molecules`` only; docs/molecules.md). ``kind: coulomb_laplacian``: the sorted
+    Coulomb matrix (rows and columns ordered by decreasing row norm, padded to the largest
+    molecule) with the Laplacian kernel ``exp(-|x - x'|_1 / sigma)``. ``sigma``: the L1 length
+    scale, or ``median`` (the median L1 distance between pool molecules; no targets used)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["coulomb_laplacian"] = "coulomb_laplacian"
+    sigma: Union[Literal["median"], float] = "median"
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, v):
+        if v != "median" and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"sigma {v} must be a positive length scale or median")
+        return v
+
+
 class RegressionConfig(_Strict):
     """Infinite-width kernel regression (``kind: kernel_regression``): learning curves of NTK
     and NNGP predictors over training-set sizes, several seeded draws per size."""
@@ -278,6 +302,8 @@ class RegressionConfig(_Strict):
     # Molecules only: a baseline fitted on each draw's training subset, the kernel regresses
     # the rest: per_element (energy linear in the element counts; the default), mean, none.
     baseline: Optional[Literal["per_element", "mean", "none"]] = None
+    # Molecules only: descriptor kernels from chemistry compared with the models on the same draws.
+    descriptors: list[DescriptorKernel] = Field(default_factory=list)
 
     @field_validator("test")
     @classmethod
@@ -657,6 +683,12 @@ class RegressionStudy(StudyBase):
                                      "by the pool's atoms, targets are energies); remove it")
         elif self.regression.baseline is not None:
             raise ValueError("regression.baseline: only for source molecules (energies); remove it")
+        elif self.regression.descriptors:
+            raise ValueError("regression.descriptors: only for source molecules; remove them")
+        names = [s.name for s in specs] + [d.name for d in self.regression.descriptors]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"regression.descriptors: name {dup[0]} is taken by a model or another descriptor; rename it")
 
 
 # Each kind's schema, by the ``kind`` that selects it.

@@ -26,9 +26,11 @@ class RegressionData:
     inputs are padded per-atom signals ``[N, A, C, 2L, 2L]`` with atomic numbers ``z [N, A]``
     (0 = no atom) and the targets energies ``[N, 1]`` (eV)."""
 
-    def __init__(self, pool_x, pool_y, test_x, test_y, pool_z=None, test_z=None):
+    def __init__(self, pool_x, pool_y, test_x, test_y, pool_z=None, test_z=None, pool_pos=None, test_pos=None):
         self.pool_x, self.pool_y, self.test_x, self.test_y = pool_x, pool_y, test_x, test_y
         self.pool_z, self.test_z = pool_z, test_z
+        # molecules: atom positions [N, A, 3] (Angstrom) for descriptor kernels such as the Coulomb matrix
+        self.pool_pos, self.test_pos = pool_pos, test_pos
 
     @property
     def molecular(self) -> bool:
@@ -61,14 +63,18 @@ class RegressionData:
         arrays = dict(train_x=self.pool_x, train_y=self.pool_y, eval__test=self.test_x, test_y=self.test_y)
         if self.molecular:
             arrays.update(train_z=self.pool_z, test_z=self.test_z)
+            if self.pool_pos is not None:
+                arrays.update(train_pos=self.pool_pos, test_pos=self.test_pos)
         atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> "RegressionData":
         with np.load(path) as z:
             mol = "train_z" in z.files
+            pos = "train_pos" in z.files
             return cls(z["train_x"], z["train_y"], z["eval__test"], z["test_y"],
-                       z["train_z"] if mol else None, z["test_z"] if mol else None)
+                       z["train_z"] if mol else None, z["test_z"] if mol else None,
+                       z["train_pos"] if pos else None, z["test_pos"] if pos else None)
 
 
 def build_regression_data(cfg: RegressionStudy, base: Path) -> RegressionData:
@@ -106,12 +112,19 @@ def _molecule_set(src, base: Path):
     """The whole set a ``molecules`` source draws from, before the seeded order and ``start``/``n``."""
     if src.set == "builtin":
         return M.generate_conformers(n_conformers=src.n_conformers, method=src.method)
+    if src.set == "qm9" and src.path is None:  # the installed qm9pack's CSVs
+        return M.load_qm9_csv(None, target=src.target or M.DEFAULT_TARGET, limit=src.limit)
     path = Path(src.path)
     if not path.is_absolute():
         path = base / path
     if src.set == "qm9":
         if not path.exists():
             raise StudyError(f"data.path: {path} not found; download dsgdb9nsd.xyz.tar.bz2 (QM9, figshare) there or fix the path")
+        if path.is_dir() and list(path.glob("qm9_part*.csv")):  # CSVs in the qm9pack layout
+            return M.load_qm9_csv(path, target=src.target or M.DEFAULT_TARGET, limit=src.limit)
+        if src.target not in (None, M.DEFAULT_TARGET):
+            raise StudyError(f"data.target: {src.target} needs the qm9pack CSVs (the dsgdb9nsd reader reads U0 only); "
+                             "leave path out or use target U0_atomisation")
         return M.load_qm9(path, limit=src.limit)
     return M.MoleculeSet.load(path)
 
@@ -210,6 +223,7 @@ def build_molecule_data(cfg: RegressionStudy, base: Path) -> RegressionData:
     penv, tenv = _pad_atoms(pool.env, atoms), _pad_atoms(tst.env, atoms)
     pz, tz = _pad_atoms(pool.z, atoms), _pad_atoms(tst.z, atoms)
     (penv, tenv), _ = standardize_channels(penv, pz > 0, (tenv, tz > 0), weights=dh_grid(train.L).weights)
-    return RegressionData(penv, pool.energy[:, None], tenv, tst.energy[:, None], pz, tz)
+    return RegressionData(penv, pool.energy[:, None], tenv, tst.energy[:, None], pz, tz,
+                          _pad_atoms(pool.pos, atoms), _pad_atoms(tst.pos, atoms))
 
 
