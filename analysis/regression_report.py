@@ -33,12 +33,15 @@ def _fmt(x, digits=3) -> str:
 
 # (column, axis label) of the two rows of learning-curve panels
 _PLOTTED = {False: (("test_accuracy", "test accuracy"), ("test_mse", "test MSE")),
-            True: (("test_mae", "test MAE (eV)"), ("test_rmse", "test RMSE (eV)"))}
+            True: (("test_mae", "test MAE (meV)"), ("test_rmse", "test RMSE (meV)"))}
+# energies are stored in eV and plotted in meV, the unit of QM9 learning curves
+_SCALE = {False: 1.0, True: 1000.0}
 
 
 def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
     regression = "test_mae" in summary.columns
     plotted = _PLOTTED[regression]
+    c = _SCALE[regression]
     panels = list(dict.fromkeys(zip(summary.kernel, summary.time)))
     # a column per (kernel, time), a row per metric; matplotlib's default sizes (style={})
     titles = [f"{k.upper()}, t = {_t(t)}" for k, t in panels] * len(plotted)
@@ -50,13 +53,13 @@ def plot_learning_curves(summary: pd.DataFrame, path: Path) -> str:
                 g = g.sort_values("size")
                 for i, (m, _) in enumerate(plotted):
                     ax = axes[i, j]
-                    line, = ax.plot(g["size"], g[m], marker="o", ms=3, label=model)
-                    ax.fill_between(g["size"], g[f"{m}_lo"], g[f"{m}_hi"], color=line.get_color(), alpha=0.2)
+                    line, = ax.plot(g["size"], c * g[m], marker="o", ms=3, label=model)
+                    ax.fill_between(g["size"], c * g[f"{m}_lo"], c * g[f"{m}_hi"], color=line.get_color(), alpha=0.2)
             if regression and "baseline_mae" in sub.columns:
                 # the baseline is fitted on the same draws for every model: show it once
                 g = sub[sub.model == sub.model.iloc[0]].sort_values("size")
                 for i, m in enumerate(("baseline_mae", "baseline_rmse")):
-                    axes[i, j].plot(g["size"], g[m], ls="--", color="0.5", label="baseline alone")
+                    axes[i, j].plot(g["size"], c * g[m], ls="--", color="0.5", label="baseline alone")
             for i, (_, label) in enumerate(plotted):
                 ax = axes[i, j]
                 ax.set_xscale("log")
@@ -195,7 +198,7 @@ def write_regression_report(out: Path) -> Path:
     h.append("<h2>Verdicts</h2>")
     for q, text in (regression_verdicts if regression else verdicts)(summary, pairs):
         h.append(f"<div class='verdict'><b>{html.escape(q)}</b><p>{html.escape(text)}</p></div>")
-    what = ("Test MAE and RMSE (eV) against the training-set size; the dashed line is the baseline alone"
+    what = ("Test MAE and RMSE (meV) against the training-set size; the dashed line is the baseline alone"
             if regression else "Test accuracy and MSE against the training-set size")
     h.append(f"<figure><img src='{fig}' alt='learning curves'><figcaption>{what}; bands are 95% confidence "
              "intervals over draws.</figcaption></figure>")

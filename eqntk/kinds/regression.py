@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+from analysis.coulomb import DescriptorModel, cached_descriptor_kernels
 from analysis.regression import (
     cached_kernels,
     cached_molecule_kernels,
@@ -91,12 +92,20 @@ def compute_kernels(out: Path, p: PreparedRegression, address: Optional[str], us
                                                d.n_out, block_size=p.cfg.regression.block_size, use_ray=use_ray,
                                                address=address)
             for spec in p.cfg.model_specs
-        }
+        } | descriptor_kernels(out, p.cfg, d)
     return {
         spec.name: cached_kernels(out / "kernels", spec, p.data.pool_x, p.data.test_x, p.data.n_out,
                                   block_size=p.cfg.regression.block_size, use_ray=use_ray, address=address)
         for spec in p.cfg.model_specs
     }
+
+
+def descriptor_kernels(out: Path, cfg: RegressionStudy, d: RegressionData, log=print) -> dict:
+    """The study's descriptor kernels (``regression.descriptors``, analysis.coulomb), cached beside the models'."""
+    if cfg.regression.descriptors and d.pool_pos is None:
+        raise StudyError(f"DIR: {out} holds no atom positions (inputs.npz from an older run); rerun `eqntk run STUDY --out {out}`")
+    return {desc.name: cached_descriptor_kernels(out / "kernels", desc, d.pool_z, d.pool_pos, d.test_z, d.test_pos, log=log)
+            for desc in cfg.regression.descriptors}
 
 
 def _study(out: Path) -> RegressionStudy:
@@ -117,6 +126,9 @@ def _load(out: Path):
         if kernels[s.name] is None:
             raise StudyError(f"DIR: the cached kernels of model {s.name} in {out} do not fit its inputs; "
                              f"rerun `eqntk run STUDY --out {out}`")
+    if data.molecular:
+        kernels |= descriptor_kernels(out, cfg, data, log=lambda *_: None)
+        specs |= {desc.name: DescriptorModel(desc.name, arch=desc.kind) for desc in cfg.regression.descriptors}
     return cfg, data, specs, kernels
 
 
