@@ -20,7 +20,7 @@ import pandas as pd
 
 from study.atomic import atomic_path
 
-from . import plots, verdicts
+from . import invariance, plots, verdicts
 from .summary import Summary, details_table, fmt, summary_table
 from .verdicts import (CONTROL_RESOLVE_SE, INCONCLUSIVE, POWER_REL, RESOLVE_SE, THEOREM_RTOL, Z_AGREE_FACTOR, Verdict)
 
@@ -43,6 +43,35 @@ img{max-width:100%;border:1px solid #ddd}
 def _table_html(df: pd.DataFrame, cls: str) -> str:
     return "<div class='scroll'>" + df.to_html(index=False, classes=cls, border=0, na_rep="n/a", float_format=lambda x: fmt(x),
                       escape=True) + "</div>"
+
+
+def _finite_invariance(s: Summary, rdir: Path) -> list[str]:
+    """The page's section on emergent invariance at finite width (``analysis.invariance``), and its
+    files ``invariance_width.csv``, ``invariance_fit.csv`` and ``invariance.json`` (the verdicts);
+    nothing when the study has no augmented model."""
+    width, fits = invariance.tables(s)
+    names = ("invariance_width.csv", "invariance_fit.csv", "invariance.json")
+    for name in names:
+        (rdir / name).unlink(missing_ok=True)
+    if not len(width):
+        return []
+    answers = invariance.verdicts(width, fits)
+    for name, frame in zip(names, (width, fits)):
+        with atomic_path(rdir / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    with atomic_path(rdir / names[2]) as tmp:
+        tmp.write_text(json.dumps([v.record() for v in answers], indent=1))
+    h = ["<h2>Emergent invariance at finite width</h2><p>Per augmented model, the orbit spread of the ensemble mean with "
+         "the noise removed (<code>sys</code>, 95% interval) against the analytic mean's own (<code>analytic</code>: 0 when "
+         "the kernel is jointly invariant, docs/theory.md §3.4) and their difference <code>diff</code>, relative to RMS(mu), "
+         "pooled over the eval sets on and off the data manifold "
+         "and over the steps after initialisation; per step in <a href='invariance_width.csv'>invariance_width.csv</a>, "
+         "the exponents in width in <a href='invariance_fit.csv'>invariance_fit.csv</a>.</p>"]
+    for v in answers:
+        h.append(f"<div class='verdict'><b>{html.escape(v.question)}</b><p><span class='answer {v.answer}'>{v.answer}</span>: "
+                 f"{html.escape(v.key)}. {html.escape(v.text.rstrip('.'))}.</p></div>")
+    h.append(_table_html(invariance.fmt_table(width), "invariance"))
+    return h
 
 
 def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> Path:
@@ -114,6 +143,7 @@ def write_report(out: Path, tables: dict[str, pd.DataFrame], resolved: dict) -> 
              "<code>analysis/convergence.csv</code>).</p>")
     h.append(_table_html(conv[["model", "eval_set", "widths", "slope_err", "exponent_bias", "exponent_bias_lo",
                                "exponent_bias_hi", "rel_err_largest", "rel_noise_largest"]], "convergence"))
+    h += _finite_invariance(s, rdir)
     if len(pair_top):
         h.append("<h2>Pairs at the largest common width</h2><p>Pooled over steps after initialisation; per step and "
                  "width: <code>analysis/pairs.csv</code>.</p>")

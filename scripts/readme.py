@@ -1,8 +1,8 @@
 """README.md's numbers, tables and figures, rendered from results directories.
 
-    .venv/bin/python scripts/readme.py --builtin DIR [--so3 DIR] [--regression DIR] [--molecules DIR]
+    .venv/bin/python scripts/readme.py --builtin DIR [--so3 DIR] [--regression DIR] [--molecules DIR] [--invariance DIR]
     .venv/bin/python scripts/readme.py --check --builtin DIR ...   # exit 1 naming the stale blocks
-    .venv/bin/python scripts/readme.py --run [builtin so3 regression molecules]
+    .venv/bin/python scripts/readme.py --run [builtin so3 regression molecules invariance]
 
 Each block of README.md between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``
 is rewritten from a results directory's own outputs; the text around the blocks stays as it is
@@ -42,7 +42,8 @@ from analysis.compare import pooled_gaps
 from analysis.summary import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules")}
+STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules",
+                                                                                "invariance")}
 RUN_RECORD = "readme_run.json"  # written by --run beside the results it measured
 IGNORED = re.compile(r"^<!-- load average.*-->\n", re.M)  # the one clock reading: not compared
 
@@ -152,10 +153,10 @@ def summary_block(path: Path) -> str:
 
 
 # ----- the built-in study's blocks ------------------------------------------------------------
-def verdicts_block(out: Path) -> str:
-    path = out / "report" / "verdicts.json"
+def verdicts_block(out: Path, name: str = "verdicts.json") -> str:
+    path = out / "report" / name
     if not path.is_file():
-        return ("*No verdicts: this results directory has no `report/verdicts.json` (the report "
+        return (f"*No verdicts: this results directory has no `report/{name}` (the report "
                 "writes one per question); see `report/index.html`.*\n")
     try:
         items = json.loads(path.read_text())
@@ -279,6 +280,41 @@ def gaps_block(out: Path) -> str:
                        else "n/a" for e in order])
     return ("Gap between the two ensembles' means in combined SE, measured (predicted by the analytic means):\n\n"
             + markdown_table(["pair", "width"] + order, rows, [False] + [True] * (1 + len(order))))
+
+
+# ----- emergent invariance at finite width (study/builtin/invariance.yaml) ----------------------
+def invariance_table(out: Path) -> str:
+    """Per augmented model and manifold, pooled over steps after initialisation: the analytic
+    mean's orbit spread, the measured systematic spread at each width with its 95% interval, and
+    the exponent in width of their difference (``report/invariance_width.csv``, ``invariance_fit.csv``)."""
+    w = pd.read_csv(need(out / "report" / "invariance_width.csv", "--invariance", f"run `eqntk report {out}` first"))
+    f = pd.read_csv(out / "report" / "invariance_fit.csv")
+    w, f = w[w["step"].isna()], f[f["step"].isna()]
+    widths = sorted(w["width"].unique())
+    rows = []
+    for (model, man), g in w.groupby(["model", "manifold"], sort=False):
+        g = g.set_index("width")
+        fit = f[(f["model"] == model) & (f["manifold"] == man)]
+        exp = (f"{fixed(2)(fit['exponent'].iloc[0])} [{fixed(2)(fit['exponent_lo'].iloc[0])}, {fixed(2)(fit['exponent_hi'].iloc[0])}]"
+               if len(fit) and pd.notna(fit["exponent"].iloc[0]) else "n/a")
+        first = g.iloc[0]
+        analytic = first["analytic"]
+        if bool(first["jointly_invariant"]) and analytic < 1e-9:  # round-off of an invariant kernel
+            analytic = f"0 ({analytic:.0e})"
+        else:
+            analytic = percent2(analytic)
+        rows.append([model, str(first["filter_support"]), str(first["tap_variance"]), man, sig3(int(first["draws"])), analytic]
+                    + [f"{percent2(g.loc[x, 'sys'])} [{percent2(g.loc[x, 'sys_lo'])}, {percent2(g.loc[x, 'sys_hi'])}]"
+                       if x in g.index else "n/a" for x in widths] + [exp])
+    header = (["model", "filter support", "tap variance", "manifold", "draws", "analytic"]
+              + [f"width {sig3(x)}" for x in widths] + ["exponent of |measured - analytic|"])
+    return markdown_table(header, rows, [False] * 4 + [True] * (len(header) - 4))
+
+
+def invariance_blocks(out: Path) -> dict[str, str]:
+    need(out / "study.json", "--invariance", "give a results directory of `eqntk run study/builtin/invariance.yaml`")
+    return {"invariance-run": run_facts(out), "invariance-table": invariance_table(out),
+            "invariance-verdicts": verdicts_block(out, "invariance.json")}
 
 
 # ----- kernel-regression studies ----------------------------------------------------------------
@@ -448,6 +484,8 @@ def render(dirs: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
             b, i = ensemble_blocks(out, prefix, figures=prefix == "builtin", verdicts=prefix == "builtin")
             blocks.update(b)
             images.update(i)
+        elif prefix == "invariance":
+            blocks.update(invariance_blocks(out))
         else:
             blocks.update(regression_blocks(out, prefix))
     return blocks, images
@@ -517,7 +555,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 naming the stale blocks; write nothing")
     ap.add_argument("--ignore", action="append", default=[], metavar="BLOCK", help="with --check: a block not to compare")
     ap.add_argument("--run", nargs="*", choices=list(STUDIES), metavar="STUDY",
-                    help="run these committed studies (default: all four) into a fresh temporary directory first")
+                    help="run these committed studies (default: all) into a fresh temporary directory first")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to rewrite (default: the repository's)")
     a = ap.parse_args(argv)
     dirs = {name: getattr(a, name) for name in STUDIES if getattr(a, name) is not None}
@@ -526,7 +564,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if clash:
         ap.error(f"--run {clash[0]} and --{clash[0]} DIR: give one or the other")
     if not dirs and not to_run:
-        ap.error("no results: give --builtin DIR (and/or --so3, --regression, --molecules), or --run")
+        ap.error("no results: give --builtin DIR (and/or --so3, --regression, --molecules, --invariance), or --run")
     try:
         readme = a.readme
         if not readme.is_file():
