@@ -242,7 +242,8 @@ def _part_rates() -> tuple[float, float, float]:
     timings = []
     with tempfile.TemporaryDirectory() as d:
         for calls in (36, 4):
-            preds = rng.normal(size=(calls, 8, rows // (calls * 40), 4, 10))
+            # float32 values, as the workers compute them (the part stores them as float64)
+            preds = rng.normal(size=(calls, 8, rows // (calls * 40), 4, 10)).astype(np.float32)
 
             def write():
                 w = PartWriter(unit, tmpdir=d)

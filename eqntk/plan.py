@@ -251,15 +251,20 @@ def lines(plan: Plan, top: int = 5) -> list[str]:
                        f"{duration(m['core_seconds']):>10}")
     out.append("  wall time: " + ", ".join(f"{k} {duration(v)}" for k, v in plan.phases.items())
                + f"; total {duration(plan.total_seconds)}")
-    out.append(f"  memory: {size(plan.memory_bytes)} for the largest unit; results on disk: {size(plan.result_bytes)}")
+    out.append(f"  memory: {size(plan.memory_bytes)} for the largest unit; results on disk: at most "
+               f"{size(plan.result_bytes)} (priced from random predictions, which compress worst)")
     if plan.units:
         core = sum(u.seconds for u in plan.units)
-        biggest = sorted(plan.units, key=lambda u: -u.seconds)[:top]
+        groups: dict = {}
+        for u in plan.units:  # units of one (model, width) cost the same
+            groups.setdefault((u.model, u.width), []).append(u)
+        biggest = sorted(groups.values(), key=lambda g: -sum(u.seconds for u in g))[:top]
         out.append(f"  dominant units ({len(plan.units)} in all, {duration(core)} of unit time):")
-        for u in biggest:
-            out.append(f"    {u.model} width {u.width}, {u.members} members: {duration(u.seconds)} "
-                       f"({100 * u.seconds / core:.1f}%; training {duration(u.train_seconds)}, "
-                       f"logging {duration(u.log_seconds)})")
+        for g in biggest:
+            u, total = g[0], sum(x.seconds for x in g)
+            out.append(f"    {u.model} width {u.width}: {len(g)} unit{'s' if len(g) > 1 else ''} of {u.members} members, "
+                       f"{duration(u.seconds)} each (training {duration(u.train_seconds)}, logging "
+                       f"{duration(u.log_seconds)}), {100 * total / core:.0f}% of the unit time")
     for n in plan.notes:
         out.append(f"  note: {n}")
     return out

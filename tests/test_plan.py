@@ -10,6 +10,9 @@ they do not depend on how busy the machine is; one test runs the real benchmark.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace as dc_replace
 from pathlib import Path
@@ -19,8 +22,11 @@ import pytest
 from eqntk import cost, plan
 from eqntk.cli import main
 from eqntk.kinds.ensemble import Prepared
+from study.config import load_study
 from study.spec import ModelSpec
 from test_config import CASES, GOOD, replace, write
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Rates of the order this 2-core machine measures (one thread), fixed for the tests.
 RATES = dict(mm_flops=1e11, conv_flops=1e11, memory=5e9, index=2e8, op_seconds=8e-6, pass_seconds=3e-4,
@@ -193,9 +199,35 @@ def test_theory_pairs():
 
 
 def test_plan_of_the_builtin_studies_answers(fixed_calibration, capsys):
-    root = Path(__file__).resolve().parent.parent / "study" / "builtin"
+    root = ROOT / "study" / "builtin"
     for name in ("builtin.yaml", "regression.yaml"):
         assert main(["plan", str(root / name)]) == 0
     out = capsys.readouterr().out
     assert out.count("wall time:") == 2
 
+
+
+def test_gpu_benchmark_runs_without_a_gpu():
+    """benchmarks/gpu.py falls back to the CPU with a line saying so (its --quick sizes)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("device: no GPU visible")
+    assert sum("speed-up over the per-member loop" in l for l in lines) == 2
+    assert any("kernel engine" in l for l in lines) and lines[-1].startswith("benchmark time")
+
+
+def test_paper_slice_is_paper_at_its_smallest_widths():
+    paper = load_study(ROOT / "study" / "builtin" / "paper.yaml")
+    part = load_study(ROOT / "study" / "builtin" / "paper_slice.yaml")
+    assert [m.name for m in paper.model_specs] == [m.name for m in part.model_specs]
+    for m in paper.model_specs:
+        assert part.widths_of(m.name) == [min(paper.widths_of(m.name))]
+        assert part.ensemble_size_of(m.name) == paper.ensemble_size_of(m.name)
+        assert part.lrs_of(m.name) == paper.lrs_of(m.name)
+    assert part.model_specs == paper.model_specs
+    same = {k: v for k, v in paper.model_dump().items() if k not in ("name", "widths", "models")}
+    assert {k: v for k, v in part.model_dump().items() if k in same} == same
+    assert max(max(paper.widths_of(m.name)) for m in paper.model_specs if m.arch in ("cnn", "gcnn")) >= 128
+    assert min(paper.ensemble_size_of(m.name) for m in paper.model_specs) >= 256
