@@ -173,8 +173,9 @@ of E when all points are perfectly correlated. The <code>interval</code> column 
 analytic means) and orbit spreads. The exponent in width is a weighted least-squares fit of log B against log width over the
 widths whose B is resolved.</li>
 <li>Answers: <b>differs</b> when an interval excludes 0 (at the final step or pooled over steps); <b>agrees</b> when it does not
-and its upper end is at most {POWER_REL:.0%} (for the theorem: the family's positive controls, pairs whose analytic means differ
-by more than 5%, are resolved at &ge; {CONTROL_RESOLVE_SE:g} combined SE at the largest width); <b>inconclusive</b> otherwise.
+and its upper end is at most {POWER_REL:.0%} (for the theorem: at least one of the family's positive controls, pairs whose analytic
+means differ by more than 5%, is resolved at &ge; {CONTROL_RESOLVE_SE:g} combined SE at the largest width); <b>inconclusive</b> otherwise.
+A theorem gap that differs is also fitted against width (its exponent: a gap that exists only at finite width falls towards 0).
 Theorem pairs have analytic means equal to {THEOREM_RTOL:g}. Exponent: agrees when its interval holds -1 and not 0.</li>
 <li>Orbit spread: RMS over g of (mean(L_g x) - orbit average) / RMS(mean); the noise level is
 sqrt(sum var(d_j) / M) / RMS(mean), with d_j a member's prediction minus its own orbit average.</li>
