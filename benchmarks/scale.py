@@ -14,7 +14,7 @@ subprocess and records:
 - the number and total size of the Parquet part files;
 - ``eqntk analyze``'s time to read them (its manifest's ``read`` seconds) and in all.
 
-    python benchmarks/scale.py [--units 200 2000] [--clusters local two-node] [--out FILE]
+    python benchmarks/scale.py [--units 200 2000] [--clusters local two-node] [--out FILE] [--keep DIR]
 
 Writes FILE (default benchmarks/scale.json), which scripts/readme.py renders into README.md.
 Wrap it in the CPU lock (``flock /tmp/eqntk-heavy.lock ...``): it keeps both cores busy.
@@ -102,7 +102,7 @@ def run(cmd: list[str], env: dict) -> tuple[str, float, int]:
     return out, wall, peak
 
 
-def measure(units: int, work: Path, address: str | None, slots: int, env: dict) -> dict:
+def measure(units: int, work: Path, address: str | None, slots: int, env: dict, keep: Path | None = None) -> dict:
     study = write_study(work, units)
     out = work / f"out-{units}-{'cluster' if address else 'local'}"
     cmd = [EQNTK, "run", str(study), "--out", str(out), "--no-progress", "--no-analysis"]
@@ -128,7 +128,11 @@ def measure(units: int, work: Path, address: str | None, slots: int, env: dict) 
         analyze_wall_seconds=round(awall, 2), analyze_peak_rss_bytes=apeak,
     )
     print(json.dumps(row), flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out), str(keep / out.name))
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     return row
 
 
@@ -182,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--units", type=int, nargs="+", default=[200, 2000])
     ap.add_argument("--clusters", nargs="+", choices=["local", "two-node"], default=["local", "two-node"])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scale.json")
+    ap.add_argument("--keep", type=Path, help="move the results directories here (default: delete them)")
     a = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="eqntk-scale-") as d:
@@ -189,13 +194,13 @@ def main(argv=None) -> int:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if "local" in a.clusters:
             for n in a.units:
-                rows.append(measure(n, work, None, os.cpu_count() or 1, env))
+                rows.append(measure(n, work, None, os.cpu_count() or 1, env, a.keep))
         if "two-node" in a.clusters:
             with TwoNodeCluster() as cluster:
                 for n in a.units:
-                    rows.append(measure(n, work, cluster.address, 2, dict(cluster.env, OMP_NUM_THREADS="1")))
+                    rows.append(measure(n, work, cluster.address, 2, dict(cluster.env, OMP_NUM_THREADS="1"), a.keep))
     record = dict(machine=dict(cpus=os.cpu_count(), memory_gib=round(psutil.virtual_memory().total / 2**30)),
-                  command="python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  command=f"python benchmarks/scale.py --units {' '.join(map(str, a.units))} --clusters {' '.join(a.clusters)}",
                   rows=rows)
     a.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {a.out}")

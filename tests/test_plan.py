@@ -9,6 +9,7 @@ they do not depend on how busy the machine is; one test runs the real benchmark.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -231,3 +232,41 @@ def test_paper_slice_is_paper_at_its_smallest_widths():
     assert {k: v for k, v in part.model_dump().items() if k in same} == same
     assert max(max(paper.widths_of(m.name)) for m in paper.model_specs if m.arch in ("cnn", "gcnn")) >= 128
     assert min(paper.ensemble_size_of(m.name) for m in paper.model_specs) >= 256
+
+
+# ----- README blocks (scripts/readme.py) ----------------------------------------------------------
+def readme_module():
+    spec = importlib.util.spec_from_file_location("readme_script_plan", ROOT / "scripts" / "readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_cost_blocks(tmp_path, fixed_calibration):
+    readme = readme_module()
+    out = tmp_path / "builtin"
+    out.mkdir()
+    (out / "readme_run.json").write_text(json.dumps(dict(study="study/builtin/builtin.yaml", wall_seconds=300.0,
+                                                         predicted_seconds=250.0, load_average=[1.5, 2.0, 2.5],
+                                                         machine=dict(cpus=2))))
+    table = readme.cost_table({"builtin": out, "so3": tmp_path / "missing"})
+    assert "| `study/builtin/builtin.yaml` | 2 CPUs | 4 min 10 s (before the run) | 5 min 0 s | 1.20 | 1.5, 2.0, 2.5 |" in table
+    assert readme.cost_table({}) is None
+    scale = tmp_path / "scale.json"
+    row = dict(units=200, cluster="local", slots=2, load_average=1.0, run_wall_seconds=40.0, training_seconds=30.0,
+               overhead_ms_per_unit=250.0, unit_seconds_mean=0.05, driver_peak_rss_bytes=5e8, part_files=200,
+               part_bytes=7e6, nodes=1, analyze_read_seconds=1.0, analyze_seconds=2.0, analyze_wall_seconds=9.0,
+               analyze_peak_rss_bytes=5e8)
+    big = dict(row, units=2000, training_seconds=210.0, part_files=2000, part_bytes=7e7)
+    scale.write_text(json.dumps(dict(machine=dict(cpus=2, memory_gib=24), command="python benchmarks/scale.py",
+                                     rows=[row, big])))
+    text = readme.scale_table(scale)
+    # growth: (210 - 30) s x 2 slots / 1800 units - 50 ms = 150 ms
+    assert "| local | 2000 | 3 min 30 s | 250 | 150 | 50 |" in text
+    monkey = {"scale": scale, "paper": tmp_path / "none.json"}
+    readme.BENCHMARK_RECORDS.update(monkey)
+    page = "<!-- generated: scale -->\n<!-- end generated: scale -->\n"
+    assert list(readme.cost_blocks(page, {"builtin": out})) == ["scale"]  # only the blocks the page has markers for
+    page += "<!-- generated: cost-measured -->\n<!-- end generated: cost-measured -->\n"
+    assert sorted(readme.cost_blocks(page, {"builtin": out})) == ["cost-measured", "scale"]
+    assert readme.cost_blocks("no markers", {"builtin": out}) == {}
