@@ -40,6 +40,7 @@ import torch
 
 from analysis.compare import pooled_gaps
 from analysis.summary import fmt
+from eqntk.plan import Resources, plan_study
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules",
@@ -491,6 +492,95 @@ def render(dirs: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
     return blocks, images
 
 
+# ----- the cost model: predicted against measured, paper-scale plans, scale test ---------------
+# These blocks are rendered where the README has their markers (a README without them, such as
+# a test's, is left alone). docs/cost.md describes the model; `eqntk plan` prints it.
+COST_STUDIES = ("builtin", "so3", "regression")  # whose --run records the prediction made before it
+BENCHMARK_RECORDS = {"scale": ROOT / "benchmarks" / "scale.json", "paper": ROOT / "benchmarks" / "paper_plan.json"}
+
+
+def predicted_seconds(study: Path, cpus: int) -> Optional[float]:
+    """``eqntk plan``'s total for ``study`` on ``cpus`` CPUs of this machine (its cached calibration)."""
+    return round(plan_study(study, Resources(cpus=int(cpus))).total_seconds, 1)
+
+
+def cost_table(dirs: dict[str, Path]) -> Optional[str]:
+    """Predicted against measured wall time of each results directory a --run recorded."""
+    rows = []
+    for name in COST_STUDIES:
+        rec = run_record(dirs[name]) if name in dirs else {}
+        if not rec.get("wall_seconds"):
+            continue
+        cpus = (rec.get("machine") or {}).get("cpus") or os.cpu_count()
+        pred = rec.get("predicted_seconds") or predicted_seconds(dirs[name] / "study.yaml", cpus)
+        when = "before the run" if rec.get("predicted_seconds") else "from this machine's calibration"
+        load = ", ".join(map(str, rec.get("load_average") or [])) or "n/a"
+        rows.append([f"`{rec.get('study', name)}`", f"{cpus} CPUs", seconds(pred) + f" ({when})",
+                     seconds(rec["wall_seconds"]), f"{rec['wall_seconds'] / pred:.2f}", load])
+    if not rows:
+        return None
+    return markdown_table(["study", "machine", "predicted (`eqntk plan`)", "measured end to end", "measured / predicted",
+                           "load average before the run"], rows, [False, False, True, True, True, False])
+
+
+def scale_table(path: Path) -> str:
+    """benchmarks/scale.py's record: per cluster and size, the runner's and the store's figures,
+    and the overhead per unit from the growth between the two sizes (start-up costs cancel)."""
+    rec = json.loads(path.read_text())
+    rows = []
+    by = {}
+    for r in rec["rows"]:
+        by.setdefault(r["cluster"], []).append(r)
+    for cluster, rs in by.items():
+        rs.sort(key=lambda r: r["units"])
+        for i, r in enumerate(rs):
+            marginal = "n/a"
+            if i:
+                p = rs[i - 1]
+                marginal = fixed(0)(1000 * ((r["training_seconds"] - p["training_seconds"]) * r["slots"]
+                                            / (r["units"] - p["units"]) - r["unit_seconds_mean"]))
+            rows.append([cluster, sig3(r["units"]), seconds(r["training_seconds"]), fixed(0)(r["overhead_ms_per_unit"]),
+                         marginal, fixed(0)(1000 * r["unit_seconds_mean"]), f"{r['driver_peak_rss_bytes'] / 1e6:.0f} MB",
+                         f"{r['part_files']} ({r['part_bytes'] / 1e6:.1f} MB)", seconds(r["analyze_read_seconds"]),
+                         seconds(r["analyze_wall_seconds"]), fixed(1)(r["load_average"])])
+    return (f"`{rec['command']}` ({rec['machine']['cpus']} CPUs, {rec['machine']['memory_gib']} GiB):\n\n"
+            + markdown_table(["Ray", "units", "training wall", "overhead per unit (ms)", "overhead, growth (ms)",
+                              "unit's own (ms)", "driver peak", "Parquet parts", "analyze: read", "analyze: all",
+                              "load"], rows, [False] + [True] * 10))
+
+
+def paper_blocks(path: Path) -> dict[str, str]:
+    rec = json.loads(path.read_text())
+    out = {"plan-paper": f"```\n$ eqntk plan {rec['paper_here']['study']}\n{rec['paper_here']['text']}\n```\n",
+           "plan-paper-cluster": f"```\n$ eqntk plan {rec['paper_cluster']['study']} --gpus 16 --nodes 2 --cpus 64\n"
+                                 f"{rec['paper_cluster']['text']}\n```\n"}
+    run = rec.get("slice_run")
+    if run:
+        out["paper-slice"] = (
+            f"- `{rec['slice_plan']['study']}` ({run['units']} units): predicted {seconds(run['predicted_seconds'])}, "
+            f"measured {seconds(run['wall_seconds'])} end to end (measured / predicted "
+            f"{run['wall_seconds'] / run['predicted_seconds']:.2f}); {seconds(run['unit_seconds'])} summed over units, "
+            f"{run['part_bytes'] / 1e6:.0f} MB of Parquet parts; load average "
+            f"{', '.join(map(str, run['load_average_before']))} before, "
+            f"{', '.join(map(str, run['load_average_after']))} after (1, 5, 15 min)\n")
+    return out
+
+
+def cost_blocks(text: str, dirs: dict[str, Path]) -> dict[str, str]:
+    """The cost-model blocks whose markers ``text`` has."""
+    wanted = lambda name: block_pattern(name).search(text) is not None  # noqa: E731
+    blocks: dict[str, str] = {}
+    if wanted("cost-measured"):
+        table = cost_table(dirs)
+        if table:
+            blocks["cost-measured"] = table
+    if wanted("scale") and BENCHMARK_RECORDS["scale"].is_file():
+        blocks["scale"] = scale_table(BENCHMARK_RECORDS["scale"])
+    if BENCHMARK_RECORDS["paper"].is_file():
+        blocks.update({k: v for k, v in paper_blocks(BENCHMARK_RECORDS["paper"]).items() if wanted(k)})
+    return blocks
+
+
 # ----- README ---------------------------------------------------------------------------------
 def stale_blocks(text: str, blocks: dict[str, str], images: dict[str, Path], root: Path) -> list[str]:
     stale = []
@@ -523,6 +613,8 @@ def check_markers(text: str, blocks: dict[str, str], readme: Path) -> None:
 # ----- --run ----------------------------------------------------------------------------------
 def run_study(name: str, out: Path) -> None:
     """``eqntk run STUDY --out out``, recording what the results directory does not hold."""
+    # what `eqntk plan` predicts for this machine, before the run (README "cost-measured")
+    predicted = predicted_seconds(STUDIES[name], os.cpu_count() or 1) if name in COST_STUDIES else None
     before_load, rss_before = load_average(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "eqntk.cli", "run", str(STUDIES[name]), "--out", str(out), "--no-progress"],
@@ -537,6 +629,7 @@ def run_study(name: str, out: Path) -> None:
         ("training_seconds", r"^\d+ units: .* in ([\d.]+) s"), ("report_seconds", r"^report: .* \(([\d.]+) s\)$"))}
     record = dict(study=str(STUDIES[name]).removeprefix(f"{ROOT}/"), wall_seconds=round(wall, 1),
                   peak_rss_bytes=rss * 1024 if rss > rss_before else None, machine=machine(), load_average=before_load,
+                  predicted_seconds=predicted,
                   **{k: float(m.group(1)) for k, m in found.items() if m})
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -577,6 +670,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 run_study(name, tmp / name)
                 dirs[name] = tmp / name
         blocks, images = render(dirs)
+        blocks.update(cost_blocks(text, dirs))
         check_markers(text, blocks, readme)
     except BadInput as e:
         print(e, file=sys.stderr)
