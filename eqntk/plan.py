@@ -189,7 +189,7 @@ def _plan_regression(path: Path, resources: Resources, calibration) -> Plan:
         atoms = float((data.pool_z > 0).sum()) / max(pool, 1)
     kernels = 0.0
     for spec in cfg.model_specs:
-        x = data.pool_x.reshape(-1, *data.input_shape)[: cost.PAIR_PROBE[1] * 4]
+        x = data.pool_x.reshape(-1, *data.input_shape)[: cost.PAIR_PROBE]
         core, blocks = cost.regression_seconds(spec, x, data.n_out, pool, test, r.block_size, cal)
         core *= atoms * atoms
         block = core / max(blocks, 1)
