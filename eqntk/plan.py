@@ -19,6 +19,7 @@ any study file.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import time
@@ -130,9 +131,14 @@ def _plan_ensemble(path: Path, resources: Resources, calibration) -> Plan:
         plan.notes.append(f"units use {threads} threads each: priced as one thread (no speed-up assumed)")
     shape, n_out, n_train = tuple(data.input_shape), data.n_out, len(data.train_x)
     eval_sizes = [len(v) for v in data.eval_sets.values()]
-    plan.units = [cost.unit_cost(u, shape, n_out, n_train, eval_sizes, cal, gpu=gpu,
-                                 batch_s=cost.batch_seconds(u.model, data.train_x, data.train_y, u.members, cfg.dtype))
-                  for u in p.units]
+    priced: dict = {}  # units of one model, width and member count cost the same: price each kind once
+    for u in p.units:
+        key = (u.model.name, u.width, u.members, u.steps, len(u.log_steps), u.dtype, u.store_members)
+        if key not in priced:
+            priced[key] = cost.unit_cost(u, shape, n_out, n_train, eval_sizes, cal, gpu=gpu,
+                                         batch_s=cost.batch_seconds(u.model, data.train_x, data.train_y, u.members,
+                                                                    cfg.dtype))
+        plan.units.append(dataclasses.replace(priced[key], unit_id=u.unit_id))
     durations = [u.seconds + DRIVER_SECONDS_PER_UNIT for u in plan.units]
     plan.phases["start (data, Ray)"] = prepare + RAY_START_SECONDS
     plan.phases["training"] = list_schedule(durations, plan.slots, cal.worker_seconds)

@@ -270,3 +270,18 @@ def test_readme_cost_blocks(tmp_path, fixed_calibration):
     page += "<!-- generated: cost-measured -->\n<!-- end generated: cost-measured -->\n"
     assert sorted(readme.cost_blocks(page, {"builtin": out})) == ["cost-measured", "scale"]
     assert readme.cost_blocks("no markers", {"builtin": out}) == {}
+
+
+@pytest.mark.parametrize("case,old,new", [
+    ("a billion steps", "steps: 20", "steps: 1000000000"),
+    ("a thousand logs of a billion steps", "steps: 20\nlog_steps: [0, 5, 20]", "steps: 1000000000\nlog_steps: {count: 1000}"),
+    ("a million members in units of 1000", "ensemble_size: 4", "ensemble_size: 1000000\nmembers_per_unit: 1000"),
+    ("a width of 30,000", "widths: [8, 16]", "widths: [30000]"),
+])
+def test_absurd_but_valid_studies_are_planned_within_seconds(tmp_path, fixed_calibration, capsys, case, old, new):
+    """Sizes that fit the machine but would run for ages are priced, not run: within 5 s."""
+    path = study(tmp_path, replace(GOOD, old, new))
+    t0 = time.perf_counter()
+    assert main(["plan", str(path)]) == 0, capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5
+    assert "total" in capsys.readouterr().out
