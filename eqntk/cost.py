@@ -54,7 +54,7 @@ from workers.models import build_model, init_parameters
 
 from .store import PartWriter
 
-CALIBRATION_FORMAT = 8  # bump when the benchmark or what it measures changes
+CALIBRATION_FORMAT = 9  # bump when the benchmark or what it measures changes
 
 
 # ----- the machine's rates ----------------------------------------------------------------------
@@ -87,6 +87,7 @@ class Calibration:
     op_seconds: float  # fixed cost of dispatching one operation
     pass_seconds: float  # fixed cost of one pass of a block of members (torch.func's Python layers)
     worker_seconds: float  # a fresh worker process: imports, and a first training step's warm-up
+    parallel_slowdown: float  # a unit's time when every CPU trains one, over its time alone
     part_bytes_per_row: float  # a Parquet part's size per row of predictions
     write_seconds_per_row: float  # building and writing a part, per row
     write_seconds_per_call: float  # and per logged (step, eval set)
@@ -191,8 +192,10 @@ def calibrate() -> Calibration:
     per_unit = coef / scale  # seconds per flop, element, operation
     rates = {name: (1 / c if c > 0 else math.inf) for name, c in zip(RATE_NAMES, per_unit[:4])}
     fit = a @ per_unit
+    worker = _worker_seconds()
     return Calibration(machine=machine_key(), **rates, op_seconds=float(per_unit[4]), pass_seconds=float(per_unit[5]),
-                       worker_seconds=_worker_seconds(), part_bytes_per_row=part_bytes, write_seconds_per_row=write_s,
+                       worker_seconds=worker, parallel_slowdown=_parallel_slowdown(os.cpu_count() or 1, worker),
+                       part_bytes_per_row=part_bytes, write_seconds_per_row=write_s,
                        write_seconds_per_call=write_call, measured_at=time.time(),
                        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
                        seconds=time.perf_counter() - t_start,
@@ -257,16 +260,28 @@ def _part_rates() -> tuple[float, float, float]:
 
 
 _WORKER = """
-import time, torch
+import sys, time, torch
 t0 = time.perf_counter()
 import workers.unit, eqntk.store
 from study.spec import ModelSpec
 from workers.ensemble import Ensemble
 from workers.models import build_model, init_parameters
 torch.set_num_threads(1)
-module = build_model(ModelSpec(name="w", arch="mlp", depth=1), 8, (1, 8, 8), 10)
-Ensemble.from_seeds(module, [0, 1], init_parameters).gd_step(torch.zeros(4, 1, 8, 8), torch.zeros(4, 10), 0.1)
-print(time.perf_counter() - t0)
+module = build_model(ModelSpec(name="w", arch="gcnn", depth=2), 4, (1, 8, 8), 10)
+ens = Ensemble.from_seeds(module, [0, 1, 2, 3], init_parameters)
+x, y = torch.zeros(32, 1, 8, 8), torch.zeros(32, 10)
+ens.gd_step(x, y, 0.0)
+start = time.perf_counter() - t0
+if len(sys.argv) > 1:  # wait for the others, then time steps for ~1 s
+    while time.time() < float(sys.argv[1]):
+        time.sleep(0.005)
+    n, t1 = 0, time.perf_counter()
+    while time.perf_counter() - t1 < 1.0:
+        ens.gd_step(x, y, 0.0)
+        n += 1
+    print(start, (time.perf_counter() - t1) / n)
+else:
+    print(start, 0.0)
 """
 
 
@@ -277,6 +292,25 @@ def _worker_seconds() -> float:
     subprocess.run([sys.executable, "-c", _WORKER], check=True, capture_output=True,
                    cwd=Path(__file__).resolve().parent.parent)
     return time.perf_counter() - t0
+
+
+def _parallel_slowdown(processes: int, start_seconds: float) -> float:
+    """How much slower a training step runs when ``processes`` units train at once on this
+    machine (shared cores, caches and memory bandwidth, and whatever else runs here) than when
+    one does: the same GCNN step timed for 1 s in one process, then in ``processes`` at once
+    (``start_seconds``: a worker's start, so that all of them are ready when timing begins)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def steps(n: int) -> list[float]:
+        start = time.time() + 0.5 + 1.5 * start_seconds  # after every process has imported torch
+        procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(start)], stdout=subprocess.PIPE, text=True,
+                                  cwd=root) for _ in range(n)]
+        return [float(p.communicate()[0].split()[1]) for p in procs]
+    if processes <= 1:
+        return 1.0
+    alone = steps(1)[0]
+    together = float(np.mean(steps(processes)))
+    return max(1.0, together / alone)
 
 
 # ----- counting a model's operations -------------------------------------------------------------

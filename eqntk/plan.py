@@ -139,7 +139,13 @@ def _plan_ensemble(path: Path, resources: Resources, calibration) -> Plan:
                                          batch_s=cost.batch_seconds(u.model, data.train_x, data.train_y, u.members,
                                                                     cfg.dtype))
         plan.units.append(dataclasses.replace(priced[key], unit_id=u.unit_id))
-    durations = [u.seconds + DRIVER_SECONDS_PER_UNIT for u in plan.units]
+    # units running side by side on a node's CPUs share its cores, caches and memory bandwidth
+    concurrent = min(plan.slots, max(1, resources.cpus // max(resources.nodes, 1)))
+    share = cal.parallel_slowdown if (not gpu and concurrent > 1) else 1.0
+    if share > 1:
+        plan.notes.append(f"{concurrent} units at once on a node run {share:.2f}x slower each than one alone "
+                          f"(measured by the calibration)")
+    durations = [u.seconds * share + DRIVER_SECONDS_PER_UNIT for u in plan.units]
     plan.phases["start (data, Ray)"] = prepare + RAY_START_SECONDS
     plan.phases["training"] = list_schedule(durations, plan.slots, cal.worker_seconds)
     # analysis runs on the driver's node
