@@ -54,7 +54,7 @@ from workers.models import build_model, init_parameters
 
 from .store import PartWriter
 
-CALIBRATION_FORMAT = 9  # bump when the benchmark or what it measures changes
+CALIBRATION_FORMAT = 11  # bump when the benchmark or what it measures changes
 
 
 # ----- the machine's rates ----------------------------------------------------------------------
@@ -130,15 +130,18 @@ def load_calibration(refresh: bool = False, log=None) -> Calibration:
 
 
 def _best_of(fn, repeats: int = 5, min_seconds: float = 0.02) -> float:
-    """The fastest of ``repeats`` timings of ``fn`` (each repeated until it lasts ``min_seconds``)."""
+    """The smallest CPU time (this process, all its threads) of ``repeats`` timings of ``fn``,
+    each repeated until it lasts ``min_seconds``. CPU time, not wall time: the machine is
+    shared, and other jobs' load would otherwise enter the rates (measured here: wall-time
+    calibrations at load average 1 and 7 differed 2-4x; CPU time is what the work itself needs)."""
     fn()  # warm up
     best = math.inf
     for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
+        n, t0 = 0, time.process_time()
         while True:
             fn()
             n += 1
-            t = time.perf_counter() - t0
+            t = time.process_time() - t0
             if t >= min_seconds:
                 break
         best = min(best, t / n)
@@ -275,11 +278,11 @@ start = time.perf_counter() - t0
 if len(sys.argv) > 1:  # wait for the others, then time steps for ~1 s
     while time.time() < float(sys.argv[1]):
         time.sleep(0.005)
-    n, t1 = 0, time.perf_counter()
+    n, t1, c1 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t1 < 1.0:
         ens.gd_step(x, y, 0.0)
         n += 1
-    print(start, (time.perf_counter() - t1) / n)
+    print(start, (time.process_time() - c1) / n)  # CPU time: what sharing caches and memory costs, not other jobs' load
 else:
     print(start, 0.0)
 """
@@ -295,9 +298,8 @@ def _worker_seconds() -> float:
 
 
 def _parallel_slowdown(processes: int, start_seconds: float) -> float:
-    """How much slower a training step runs when ``processes`` units train at once on this
-    machine (shared cores, caches and memory bandwidth, and whatever else runs here) than when
-    one does: the same GCNN step timed for 1 s in one process, then in ``processes`` at once
+    """How much more CPU time a training step takes when ``processes`` units train at once on
+    this machine (shared caches and memory bandwidth) than when one does: the same GCNN step timed for 1 s in one process, then in ``processes`` at once
     (``start_seconds``: a worker's start, so that all of them are ready when timing begins)."""
     root = Path(__file__).resolve().parent.parent
 
@@ -583,16 +585,17 @@ def _gpu_rates(cal: Calibration) -> Calibration:
 # 0.7 at 32 x 32 and 32 x 64; for the regression study's models 32 x 32 is within 15% of
 # 100 x 100, the block size they run in).
 PAIR_PROBE = 32
+DIAG_PROBE = 4
 
 
-def pair_seconds(spec: ModelSpec, x: np.ndarray, n_out: int, mean: bool, cal: Calibration) -> tuple[float, float]:
-    """``(setup, per pair)`` seconds of ``spec``'s kernel (its own, or with ``mean`` the kernel of
+def pair_seconds(spec: ModelSpec, x: np.ndarray, n_out: int, mean: bool, cal: Calibration) -> tuple[float, float, float]:
+    """``(setup, per pair, per diagonal point)`` seconds of ``spec``'s kernel (its own, or with ``mean`` the kernel of
     the analytic ensemble mean, ``analysis.kernels.mean_kernel_fn``) on inputs like ``x``: timed
     on 32 x 32 real pairs, once per machine (kept with the calibration)."""
     shape = tuple(int(s) for s in x.shape[1:])
     key = hashlib.sha256(json.dumps(dict(spec=spec.model_dump(mode="json"), shape=shape, n_out=int(n_out), mean=mean),
                                     sort_keys=True).encode()).hexdigest()[:16]
-    if key in cal.pair_seconds:
+    if key in cal.pair_seconds and len(cal.pair_seconds[key]) == 3:
         return tuple(cal.pair_seconds[key])
     n = PAIR_PROBE
     xs = np.asarray(x[:n], dtype=np.float64)
@@ -602,9 +605,14 @@ def pair_seconds(spec: ModelSpec, x: np.ndarray, n_out: int, mean: bool, cal: Ca
     kf = (mean_kernel_fn if mean else kernel_fn)(spec, shape, n_out)
     setup = time.perf_counter() - t0
     per_pair = _best_of(lambda: kf(xs, xs.copy(), get=("nngp", "ntk")), repeats=2, min_seconds=0) / (n * n)
-    cal.pair_seconds[key] = [setup, per_pair]
+    # the diagonal K(x_i, x_i) is its own call, vectorised for most kernels but one call per
+    # point for some (the SO(3) GCNN's: measured 0.5-0.9 s a point here)
+    c0 = time.process_time()
+    kf(xs[:DIAG_PROBE], get=("nngp", "ntk"), diag=True)
+    per_diag = (time.process_time() - c0) / DIAG_PROBE
+    cal.pair_seconds[key] = [setup, per_pair, per_diag]
     cal.save()
-    return setup, per_pair
+    return setup, per_pair, per_diag
 
 
 def theory_pairs(spec: ModelSpec, n_train: int, set_sizes: list[int]) -> dict:
@@ -619,8 +627,8 @@ def theory_pairs(spec: ModelSpec, n_train: int, set_sizes: list[int]) -> dict:
         test = sum(set_sizes) * order
     new = max(test - train, 0)
     # K(X, X) is symmetric: the engine computes about half of it (measured: 0.6 of the full
-    # matrix's time for 32 inputs)
-    return dict(train=train, test=test, pairs=train * (train + 1) // 2 + new * train + test)
+    # matrix's time for 32 inputs); the test diagonal is a call of its own
+    return dict(train=train, test=test, pairs=train * (train + 1) // 2 + new * train, diag=test)
 
 
 def theory_seconds(spec: ModelSpec, x: np.ndarray, n_out: int, set_sizes: list[int], cal: Calibration,
@@ -628,16 +636,16 @@ def theory_seconds(spec: ModelSpec, x: np.ndarray, n_out: int, set_sizes: list[i
     """Predicted seconds of one model's analytic prediction (kernels; the solve is negligible
     at these sizes) on one CPU thread, or on a GPU."""
     mean = spec.augmentation == "random"  # SO(3) augmentation: the orbit-averaged kernel itself
-    setup, per_pair = pair_seconds(spec, x, n_out, mean, cal)
-    pairs = theory_pairs(spec, len(x), set_sizes)["pairs"]
-    return setup + pairs * per_pair / (GPU_KERNEL_FACTOR if gpu else 1.0)
+    setup, per_pair, per_diag = pair_seconds(spec, x, n_out, mean, cal)
+    n = theory_pairs(spec, len(x), set_sizes)
+    return setup + (n["pairs"] * per_pair + n["diag"] * per_diag) / (GPU_KERNEL_FACTOR if gpu else 1.0)
 
 
 def regression_seconds(spec: ModelSpec, x: np.ndarray, n_out: int, pool: int, test: int, block_size: int,
                        cal: Calibration) -> tuple[float, int]:
     """Core-seconds of one model's regression kernels (``analysis.regression.cached_kernels``):
     the upper blocks of pool x pool and the test x pool blocks, and how many blocks."""
-    setup, per_pair = pair_seconds(spec, x, n_out, True, cal)
+    setup, per_pair, _ = pair_seconds(spec, x, n_out, True, cal)
     nb_pool, nb_test = -(-pool // block_size), -(-test // block_size)
     blocks = nb_pool * (nb_pool + 1) // 2 + nb_test * nb_pool
     pairs = pool * (pool + block_size) / 2 + test * pool  # upper blocks, the diagonal blocks whole

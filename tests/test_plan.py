@@ -41,7 +41,7 @@ def fixed_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("EQNTK_CACHE", str(tmp_path / "cache"))
     cal = cost.Calibration(machine=cost.machine_key(), **RATES)
     cal.save()
-    monkeypatch.setattr(cost, "pair_seconds", lambda spec, x, n_out, mean, cal: (0.01, 1e-4))
+    monkeypatch.setattr(cost, "pair_seconds", lambda spec, x, n_out, mean, cal: (0.01, 1e-4, 1e-4))
     return cal
 
 
@@ -185,11 +185,11 @@ def test_kernel_pair_cost_is_cached_per_model(tmp_path, fixed_calibration, monke
     cal = cost.load_calibration()
     prep = Prepared(study(tmp_path))
     spec = prep.cfg.model_specs[0]
-    setup, per_pair = cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal)
-    assert setup >= 0 and per_pair >= 0
+    setup, per_pair, per_diag = cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal)
+    assert setup >= 0 and per_pair > 0 and per_diag >= 0
     stored = json.loads(cal.path().read_text())["pair_seconds"]
-    assert list(stored.values()) == [[setup, per_pair]] and per_pair > 0
-    assert cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal) == (setup, per_pair)
+    assert list(stored.values()) == [[setup, per_pair, per_diag]]
+    assert cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal) == (setup, per_pair, per_diag)
 
 
 def test_theory_pairs():
@@ -198,9 +198,9 @@ def test_theory_pairs():
     aug = ModelSpec(name="a", arch="mlp", augmentation="full_orbit")
     gcnn = ModelSpec(name="g", arch="gcnn")
     sets = [8, 4]
-    assert cost.theory_pairs(mlp, 8, sets) == dict(train=8, test=48, pairs=36 + 40 * 8 + 48)
-    assert cost.theory_pairs(aug, 8, sets) == dict(train=32, test=48, pairs=32 * 33 // 2 + 16 * 32 + 48)
-    assert cost.theory_pairs(gcnn, 8, sets) == dict(train=8, test=20, pairs=36 + 12 * 8 + 20)
+    assert cost.theory_pairs(mlp, 8, sets) == dict(train=8, test=48, pairs=36 + 40 * 8, diag=48)
+    assert cost.theory_pairs(aug, 8, sets) == dict(train=32, test=48, pairs=32 * 33 // 2 + 16 * 32, diag=48)
+    assert cost.theory_pairs(gcnn, 8, sets) == dict(train=8, test=20, pairs=36 + 12 * 8, diag=20)
 
 
 def test_plan_of_the_builtin_studies_answers(fixed_calibration, capsys):
