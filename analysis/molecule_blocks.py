@@ -60,7 +60,10 @@ def _sum_over_molecules(k_atom: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarr
 
 def molecule_block(engine, spec, input_shape, n_out, xa, mask_a, xb, mask_b, get) -> dict[str, np.ndarray]:
     """One molecule block: ``xa [n_a, A, ...]`` padded atoms with ``mask_a [n_a, A]`` against
-    ``xb``/``mask_b``; ``xb is None``: the block of ``xa`` with itself (a symmetric atom kernel)."""
+    ``xb``/``mask_b``; ``xb is None``: the block of ``xa`` with itself (a symmetric atom kernel).
+    Also ``cpu_seconds``: the process CPU time the block took (on a shared machine the wall
+    time also counts other people's jobs)."""
+    cpu0 = time.process_time()
     mask_a = np.asarray(mask_a, dtype=bool)
     atoms_a = np.asarray(xa)[mask_a]
     if xb is None:
@@ -69,7 +72,8 @@ def molecule_block(engine, spec, input_shape, n_out, xa, mask_a, xb, mask_b, get
     else:
         mask_b = np.asarray(mask_b, dtype=bool)
         k = compute_block(engine, spec, input_shape, n_out, atoms_a, np.asarray(xb)[mask_b], get)
-    return {name: _sum_over_molecules(k[name], mask_a, mask_b) for name in get}
+    out = {name: _sum_over_molecules(k[name], mask_a, mask_b) for name in get}
+    return out | {"cpu_seconds": np.float64(time.process_time() - cpu0)}
 
 
 def blocked_molecule_kernel(
@@ -91,8 +95,8 @@ def blocked_molecule_kernel(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """``({f"{name}_pool": [P, P], f"{name}_test": [T, P]}, info)`` of the molecule kernel.
 
-    ``info``: blocks computed and loaded from ``block_dir``, and the atom pairs computed
-    (the pool's symmetric blocks count once)."""
+    ``info``: blocks computed and loaded from ``block_dir``, the atom pairs computed (the
+    pool's symmetric blocks count once) and the CPU seconds of the computed blocks."""
     get = tuple(get)
     pool_mask, test_mask = np.asarray(pool_mask, dtype=bool), np.asarray(test_mask, dtype=bool)
     prow, trow = molecule_ranges(pool_mask, block_atoms), molecule_ranges(test_mask, block_atoms)
@@ -119,7 +123,7 @@ def blocked_molecule_kernel(
         a = (pool_atoms if part == "pool" else test_atoms)[i]
         return int(a * (a + 1) // 2) if (part == "pool" and i == j) else int(a * pool_atoms[j])
 
-    todo, loaded = [], 0
+    todo, loaded, cpu = [], 0, 0.0
     for task in tasks:
         p = path(task)
         if p is not None and p.is_file():
@@ -138,8 +142,9 @@ def blocked_molecule_kernel(
     t0, done_pairs, next_report = time.perf_counter(), 0, 0.1
 
     def arrived(task, block):
-        nonlocal done_pairs, next_report
+        nonlocal done_pairs, next_report, cpu
         place(task, block)
+        cpu += float(block.get("cpu_seconds", np.nan))
         if path(task) is not None:
             atomic_savez(path(task), block)
         done_pairs += atom_pairs(task)
@@ -177,5 +182,5 @@ def blocked_molecule_kernel(
             for ref in done:
                 arrived(pending.pop(ref), ray.get(ref))
     info = {"blocks": len(tasks), "blocks_computed": len(todo), "blocks_loaded": loaded,
-            "atom_pairs_computed": total_pairs, "block_atoms": block_atoms}
+            "atom_pairs_computed": total_pairs, "block_atoms": block_atoms, "cpu_seconds": cpu}
     return out, info

@@ -6,6 +6,7 @@ Fast and without qm9pack: the CSVs are generated in the package's layout (the bu
 geometries, displaced and rotated, with made-up energies) in temporary folders. The real
 package is read by the opt-in slow test (``--runslow``)."""
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def test_blocked_molecule_kernels_equal_the_atom_matrix_sum_and_resume(tmp_path)
     again = cached_molecule_kernels(tmp_path / "mlp", MLP, xp, mask_p, xt, mask_t, use_ray=False, block_size=7, log=logs.append)
     assert not again["cached"] and np.allclose(again["ntk_test"], out["ntk_test"])
     assert any("1 of" in line and "blocks computed" in line for line in logs), logs
+    meta = json.loads(next((tmp_path / "mlp").glob("*.json")).read_text())
+    assert meta["blocks_computed"] == 1 and meta["blocks_loaded"] == meta["blocks"] - 1 and meta["cpu_seconds"] > 0
 
 
 # ----- the Coulomb-matrix baseline ----------------------------------------------------------
