@@ -188,7 +188,7 @@ def test_kernel_pair_cost_is_cached_per_model(tmp_path, fixed_calibration, monke
     setup, per_pair, per_diag = cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal)
     assert setup >= 0 and per_pair > 0 and per_diag >= 0
     stored = json.loads(cal.path().read_text())["pair_seconds"]
-    assert list(stored.values()) == [[setup, per_pair, per_diag]]
+    assert list(stored.values()) == [[setup, per_pair, per_diag, cost.DIAG_PROBE, 3]]
     assert cost.pair_seconds(spec, prep.data.train_x, prep.data.n_out, False, cal) == (setup, per_pair, per_diag)
 
 
