@@ -51,10 +51,11 @@ from workers.augment import Minibatches, make_augmentation
 from workers.ensemble import CPU_BLOCK_BYTES, CPU_MEMORY_BUDGET, CPU_VMAP_MEMBER_BYTES, Ensemble, _activation_elements
 from workers.footprint import PARAMETER_COPIES, parameter_count
 from workers.models import build_model, init_parameters
+from workers.unit import reproducible
 
 from .store import PartWriter
 
-CALIBRATION_FORMAT = 11  # bump when the benchmark or what it measures changes
+CALIBRATION_FORMAT = 14  # bump when the benchmark or what it measures changes
 
 
 # ----- the machine's rates ----------------------------------------------------------------------
@@ -167,7 +168,9 @@ REFERENCES = [
     ("gcnn", {"depth": 2}, 8, 128, False, 4),
     ("mlp", {"depth": 2}, 2, 2, True, 4),
     ("so3_gcnn", {"depth": 2, "group": "SO3", "bands": (3, 2), "so3_grid": 3, "kernel_mode": "grid"}, 32, 24, True, 4),
-    ("sphere_mlp", {"depth": 2, "group": "SO3"}, 128, 24, True, 16),
+    ("so3_gcnn", {"depth": 2, "group": "SO3", "bands": (3, 2), "so3_grid": 3, "kernel_mode": "grid",
+                  "nonlinearity": "relu"}, 8, 24, True, 16),
+    ("sphere_mlp", {"depth": 2, "group": "SO3", "nonlinearity": "relu"}, 128, 24, True, 16),
 ]
 RATE_NAMES = ("mm_flops", "conv_flops", "memory", "index")
 
@@ -209,7 +212,7 @@ def calibrate() -> Calibration:
 def _reference(arch: str, fields: dict, width: int, batch: int, train: bool, members: int) -> tuple[list[float], float]:
     """Counts (mm, conv, memory, index, operations, passes) and best seconds of one pass of an
     ensemble of ``members`` on 8x8 images, through ``Ensemble`` itself."""
-    spec = ModelSpec(name="reference", arch=arch, nonlinearity="erf", **fields)
+    spec = ModelSpec(name="reference", arch=arch, **{"nonlinearity": "erf", **fields})
     module = build_model(spec, width, (1, 8, 8), 10)
     ens = Ensemble.from_seeds(module, list(range(members)), init_parameters, "cpu", torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -232,7 +235,8 @@ def _reference(arch: str, fields: dict, width: int, batch: int, train: bool, mem
     with counter:
         run()
     ens._forward = forward
-    seconds = _best_of(run, repeats=3, min_seconds=0.05)
+    with reproducible():  # as units train (deterministic algorithms, denormals flushed)
+        seconds = _best_of(run, repeats=3, min_seconds=0.05)
     return [counter.mm, counter.conv, counter.memory, counter.index, counter.ops, passes], seconds
 
 
@@ -367,28 +371,29 @@ def _tensors(tree):
 
 @dataclass(frozen=True)
 class PassCost:
-    """Counts of one pass of one member over ``batch`` samples at one width."""
+    """Counts of one pass over ``batch`` samples at one width: ``member`` (mm, conv, memory,
+    index) grows with the members, ``block`` is paid once per block of members (what vmap
+    does for the block as a whole), ``ops`` operations are dispatched once per block."""
 
-    mm: float
-    conv: float
-    memory: float
-    index: float
+    member: tuple
+    block: tuple
     ops: float
 
     def seconds(self, cal: Calibration, members: int, blocks: int, slowdown: float = 1.0) -> float:
-        """``members`` members' flops and elements (``slowdown`` for float64); the operations and
-        the pass's own fixed cost once per block."""
-        work = (self.mm / cal.mm_flops + self.conv / cal.conv_flops + self.memory / cal.memory
-                + self.index / cal.index)
-        return members * work * slowdown + blocks * (self.ops * cal.op_seconds + cal.pass_seconds)
+        """``members`` members' and ``blocks`` blocks' flops and elements (``slowdown`` for
+        float64), and the operations and the pass's own fixed cost once per block."""
+        def work(c):
+            return c[0] / cal.mm_flops + c[1] / cal.conv_flops + c[2] / cal.memory + c[3] / cal.index
+        return ((members * work(self.member) + blocks * work(self.block)) * slowdown
+                + blocks * (self.ops * cal.op_seconds + cal.pass_seconds))
 
 
-def _count(module, shape: tuple, batch: int, train: bool, vectorise: bool) -> tuple:
-    """Counts of one pass of a one-member ``Ensemble`` of ``module`` over ``batch`` samples,
-    through vmap (``vectorise``) or the plain forward, as ``Ensemble._plan`` would choose."""
-    ens = Ensemble.from_seeds(module, [0], init_parameters, "cpu", torch.float32)
-    ens._plan = lambda x, per_member, backward: (1, batch, vectorise)  # the path to count, one chunk
-    x, y = torch.zeros((batch, *shape)), torch.zeros((batch, module.n_out if hasattr(module, "n_out") else 1))
+def _count(module, shape: tuple, batch: int, train: bool, vectorise: bool, members: int = 1) -> tuple:
+    """Counts of one pass of an ``Ensemble`` of ``members`` copies of ``module`` over ``batch``
+    samples in one block, through vmap (``vectorise``) or the plain forward."""
+    ens = Ensemble.from_seeds(module, list(range(members)), init_parameters, "cpu", torch.float32)
+    ens._plan = lambda x, per_member, backward: (members, batch, vectorise)  # the path to count, one chunk
+    x = torch.zeros((batch, *shape))
     c = _Counter()
     with c:
         if train:
@@ -405,9 +410,11 @@ def _targets(module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """Counts of a forward (``fwd``) and a training step (``train``) of one member, through vmap
-    (``vec``) or the plain forward (``one``), as polynomials: ``coef[kind, path][count]`` is ``[[a0, a1, a2], [b0, b1, b2]]`` for ``(a0 + a1 w + a2 w^2) + batch
-    (b0 + b1 w + b2 w^2)``; operations are the largest count seen (they do not grow with width)."""
+    """Counts of a forward (``fwd``) and a training step (``train``) through vmap (``vec``) or
+    the plain forward (``one``), as polynomials: ``coef[kind, path][part][count]`` is
+    ``[[a0, a1, a2], [b0, b1, b2]]`` for ``(a0 + a1 w + a2 w^2) + batch (b0 + b1 w + b2 w^2)``,
+    ``part`` ``member`` (per member) or ``block`` (per vmap block: counted with one and two
+    members); operations are the largest count seen (they do not grow with width)."""
 
     coef: dict
     ops: dict
@@ -415,13 +422,12 @@ class ModelProfile:
 
     def pass_cost(self, kind: str, width: int, batch: int, vectorise: bool) -> PassCost:
         key = (kind, "vec" if vectorise else "one")
-        c = self.coef[key]
+        w = float(width)
 
-        def ev(name):
-            (a, b) = c[name]
-            w = float(width)
+        def ev(a, b):
             return max(0.0, a[0] + a[1] * w + a[2] * w * w) + batch * max(0.0, b[0] + b[1] * w + b[2] * w * w)
-        return PassCost(ev("mm"), ev("conv"), ev("memory"), ev("index"), self.ops[key])
+        parts = {part: tuple(ev(*self.coef[key][part][name]) for name in COUNTS) for part in ("member", "block")}
+        return PassCost(parts["member"], parts["block"], self.ops[key])
 
     def activation_bytes(self, width: int, itemsize: int) -> float:
         return (self.activation[0] + self.activation[1] * width) * itemsize
@@ -438,22 +444,29 @@ COUNTS = ("mm", "conv", "memory", "index")
 
 @lru_cache(maxsize=None)
 def model_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfile:
-    """Count ``spec``'s passes at widths 1, 2, 3 and batches 1, 2 (a second or so per model)."""
+    """Count ``spec``'s passes at widths 1, 2, 3, batches 1, 2 and (vmap) 1, 2 members: a
+    second or so per model."""
     keys = [(kind, path) for kind in ("fwd", "train") for path in ("vec", "one")]
     coef, ops, act, counts = {}, {}, [], {}
     for w in (1, 2, 3):
         module = build_model(spec, w, input_shape, n_out)
         for kind, path in keys:
             for batch in (1, 2):
-                counts[kind, path, w, batch] = _count(module, input_shape, batch, kind == "train", path == "vec")
+                one = _count(module, input_shape, batch, kind == "train", path == "vec")
+                two = _count(module, input_shape, batch, kind == "train", True, 2) if path == "vec" else None
+                member = [two[i] - one[i] for i in range(4)] if two else list(one[:4])
+                block = [max(0, one[i] - member[i]) for i in range(4)]
+                counts[kind, path, w, batch] = (member, block, one[4])
         act.append(_activation_elements(module, input_shape, torch.float32, torch.device("cpu")))
     for key in keys:
         coef[key] = {}
-        for i, name in enumerate(COUNTS):
-            per_batch = [counts[(*key, w, 2)][i] - counts[(*key, w, 1)][i] for w in (1, 2, 3)]
-            fixed = [counts[(*key, w, 1)][i] - per_batch[j] for j, w in enumerate((1, 2, 3))]
-            coef[key][name] = (_quadratic(*fixed), _quadratic(*per_batch))
-        ops[key] = max(counts[(*key, w, b)][-1] for w in (1, 2, 3) for b in (1, 2))
+        for p, part in enumerate(("member", "block")):
+            coef[key][part] = {}
+            for i, name in enumerate(COUNTS):
+                per_batch = [counts[(*key, w, 2)][p][i] - counts[(*key, w, 1)][p][i] for w in (1, 2, 3)]
+                fixed = [counts[(*key, w, 1)][p][i] - per_batch[j] for j, w in enumerate((1, 2, 3))]
+                coef[key][part][name] = (_quadratic(*fixed), _quadratic(*per_batch))
+        ops[key] = max(counts[(*key, w, b)][2] for w in (1, 2, 3) for b in (1, 2))
     return ModelProfile(coef=coef, ops=ops, activation=(act[0] - (act[1] - act[0]), act[1] - act[0]))
 
 
