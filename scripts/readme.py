@@ -499,28 +499,34 @@ COST_STUDIES = ("builtin", "so3", "regression")  # whose --run records the predi
 BENCHMARK_RECORDS = {"scale": ROOT / "benchmarks" / "scale.json", "paper": ROOT / "benchmarks" / "paper_plan.json"}
 
 
-def predicted_seconds(study: Path, cpus: int) -> Optional[float]:
-    """``eqntk plan``'s total for ``study`` on ``cpus`` CPUs of this machine (its cached calibration)."""
-    return round(plan_study(study, Resources(cpus=int(cpus))).total_seconds, 1)
+def predicted_seconds(study: Path, cpus: int, load: float = 0.0) -> float:
+    """``eqntk plan``'s total for ``study`` on ``cpus`` CPUs of this machine (its cached
+    calibration), with other jobs' ``load`` on them."""
+    return round(plan_study(study, Resources(cpus=int(cpus), load=float(load))).total_seconds, 1)
 
 
 def cost_table(dirs: dict[str, Path]) -> Optional[str]:
-    """Predicted against measured wall time of each results directory a --run recorded."""
+    """Predicted against measured wall time of each results directory a --run recorded: the
+    machine to itself, and at the load average of the minute before the run."""
     rows = []
     for name in COST_STUDIES:
         rec = run_record(dirs[name]) if name in dirs else {}
         if not rec.get("wall_seconds"):
             continue
         cpus = (rec.get("machine") or {}).get("cpus") or os.cpu_count()
-        pred = rec.get("predicted_seconds") or predicted_seconds(dirs[name] / "study.yaml", cpus)
-        when = "before the run" if rec.get("predicted_seconds") else "from this machine's calibration"
-        load = ", ".join(map(str, rec.get("load_average") or [])) or "n/a"
-        rows.append([f"`{rec.get('study', name)}`", f"{cpus} CPUs", seconds(pred) + f" ({when})",
-                     seconds(rec["wall_seconds"]), f"{rec['wall_seconds'] / pred:.2f}", load])
+        load = (rec.get("load_average") or [0.0])[0]
+        recorded = rec.get("predicted_seconds") is not None
+        alone = rec["predicted_seconds"] if recorded else predicted_seconds(dirs[name] / "study.yaml", cpus)
+        loaded = (rec.get("predicted_at_load_seconds") if recorded
+                  else predicted_seconds(dirs[name] / "study.yaml", cpus, load))
+        rows.append([f"`{rec.get('study', name)}`", f"{cpus} CPUs", seconds(alone), f"{seconds(loaded)} (load {load:g})",
+                     seconds(rec["wall_seconds"]), f"{rec['wall_seconds'] / loaded:.2f}",
+                     "before the run" if recorded else "after, from this machine's calibration"])
     if not rows:
         return None
-    return markdown_table(["study", "machine", "predicted (`eqntk plan`)", "measured end to end", "measured / predicted",
-                           "load average before the run"], rows, [False, False, True, True, True, False])
+    return markdown_table(["study", "machine", "predicted, machine to itself", "predicted at the load before the run",
+                           "measured end to end", "measured / predicted at load", "predicted"],
+                          rows, [False, False, True, True, True, True, False])
 
 
 def scale_table(path: Path) -> str:
@@ -613,9 +619,14 @@ def check_markers(text: str, blocks: dict[str, str], readme: Path) -> None:
 # ----- --run ----------------------------------------------------------------------------------
 def run_study(name: str, out: Path) -> None:
     """``eqntk run STUDY --out out``, recording what the results directory does not hold."""
-    # what `eqntk plan` predicts for this machine, before the run (README "cost-measured")
-    predicted = predicted_seconds(STUDIES[name], os.cpu_count() or 1) if name in COST_STUDIES else None
     before_load, rss_before = load_average(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # what `eqntk plan` predicts for this machine before the run, alone and at the load of the
+    # minute before (README "cost-measured")
+    predicted = {}
+    if name in COST_STUDIES:
+        cpus = os.cpu_count() or 1
+        predicted = dict(predicted_seconds=predicted_seconds(STUDIES[name], cpus),
+                         predicted_at_load_seconds=predicted_seconds(STUDIES[name], cpus, (before_load or [0.0])[0]))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "eqntk.cli", "run", str(STUDIES[name]), "--out", str(out), "--no-progress"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -629,7 +640,7 @@ def run_study(name: str, out: Path) -> None:
         ("training_seconds", r"^\d+ units: .* in ([\d.]+) s"), ("report_seconds", r"^report: .* \(([\d.]+) s\)$"))}
     record = dict(study=str(STUDIES[name]).removeprefix(f"{ROOT}/"), wall_seconds=round(wall, 1),
                   peak_rss_bytes=rss * 1024 if rss > rss_before else None, machine=machine(), load_average=before_load,
-                  predicted_seconds=predicted,
+                  **predicted,
                   **{k: float(m.group(1)) for k, m in found.items() if m})
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
