@@ -1,7 +1,7 @@
 """The ``eqntk`` command line.
 
     eqntk validate STUDY            check a study file and print its plan of work
-    eqntk plan STUDY [--cpus N] [--gpus N] [--nodes N]   predicted time, memory and result size
+    eqntk plan STUDY [--cpus N] [--gpus N] [--nodes N] [--load L]   predicted time, memory, result size
     eqntk run [STUDY] [--out DIR]   run it (the built-in study without STUDY), then analyse
     eqntk status DIR                how far the work has got
     eqntk analyze DIR               the tables
@@ -30,7 +30,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    resources = plan.default_resources(args.cpus, args.gpus, args.nodes)
+    resources = plan.default_resources(args.cpus, args.gpus, args.nodes, args.load)
     p = plan.plan_study(Path(args.study), resources, log=lambda m: print(m, file=sys.stderr))
     for line in plan.lines(p):
         print(line)
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cpus", type=int, help="CPUs in all (default: this machine's, times --nodes)")
     pl.add_argument("--gpus", type=int, help="GPUs in all (units then train one per GPU)")
     pl.add_argument("--nodes", type=int, help="machines the CPUs and GPUs are spread over (default 1)")
+    pl.add_argument("--load", type=float, help="other jobs' load on each node, in busy CPUs (default 0: the machines to "
+                    "ourselves; a shared machine's load average)")
     pl.set_defaults(fn=cmd_plan)
     r = sub.add_parser("run", help="run a study (the built-in one without STUDY)")
     r.add_argument("study", nargs="?")

@@ -49,12 +49,21 @@ class Resources:
     cpus: int
     gpus: int = 0
     nodes: int = 1
+    load: float = 0.0  # other jobs' load on each node (runnable processes), 0: the machines to ourselves
+
+    def crowding(self, processes: int) -> float:
+        """How much longer ``processes`` CPU-bound processes of ours take on a node whose CPUs
+        other jobs also use (``load`` runnable processes): each gets ``cpus / (load +
+        processes)`` of a CPU when that is below one."""
+        node = max(1, self.cpus // max(self.nodes, 1))
+        return max(1.0, (self.load + processes) / node)
 
     def describe(self) -> str:
         words = [f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}"]
         if self.gpus:
             words.append(f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}")
-        return ", ".join(words) + f" on {self.nodes} node{'s' if self.nodes != 1 else ''}"
+        return (", ".join(words) + f" on {self.nodes} node{'s' if self.nodes != 1 else ''}"
+                + (f", other jobs' load {self.load:g}" if self.load else ""))
 
 
 @dataclass
@@ -145,7 +154,8 @@ def _plan_ensemble(path: Path, resources: Resources, calibration) -> Plan:
     if share > 1:
         plan.notes.append(f"{concurrent} units at once on a node run {share:.2f}x slower each than one alone "
                           f"(measured by the calibration)")
-    durations = [u.seconds * share + DRIVER_SECONDS_PER_UNIT for u in plan.units]
+    crowd = 1.0 if gpu else resources.crowding(concurrent)
+    durations = [u.seconds * share * crowd + DRIVER_SECONDS_PER_UNIT for u in plan.units]
     plan.phases["start (data, Ray)"] = prepare + RAY_START_SECONDS
     plan.phases["training"] = list_schedule(durations, plan.slots, cal.worker_seconds)
     # analysis runs on the driver's node
@@ -161,9 +171,11 @@ def _plan_ensemble(path: Path, resources: Resources, calibration) -> Plan:
         jobs += [(spec, s)] * len(cfg.lrs_of(spec.name))
     jobs.sort(key=lambda j: -_cost_guess(j[0]))  # the order analysis.theory starts them in
     workers = min(node_cpus, len(jobs))
+    analysis_crowd = resources.crowding(max(workers, 1))
     rows = sum(u.rows for u in plan.units)
     plan.phases["analysis"] = (rows * READ_SECONDS_PER_ROW
-                               + (list_schedule([s for _, s in jobs], workers, cal.worker_seconds) if jobs else 0.0)
+                               + (list_schedule([s * analysis_crowd for _, s in jobs], workers, cal.worker_seconds)
+                                  if jobs else 0.0)
                                + rows * COMPARE_SECONDS_PER_ROW)
     plan.phases["report"] = REPORT_SECONDS
     plan.result_bytes = sum(u.result_bytes for u in plan.units)
@@ -205,7 +217,8 @@ def _plan_regression(path: Path, resources: Resources, calibration) -> Plan:
         core, blocks = cost.regression_seconds(spec, x, data.n_out, pool, test, r.block_size, cal)
         core *= atoms * atoms
         block = core / max(blocks, 1)
-        wall = list_schedule([block] * blocks, plan.slots, cal.worker_seconds)
+        wall = list_schedule([block * resources.crowding(min(plan.slots, blocks))] * blocks, plan.slots,
+                             cal.worker_seconds)
         kernels += wall
         plan.models.append(dict(model=spec.name, arch=spec.arch, units=blocks, widths=["inf"], members=0,
                                 unit_seconds=block, core_seconds=core, memory_bytes=0.0,
@@ -282,9 +295,10 @@ def lines(plan: Plan, top: int = 5) -> list[str]:
     return out
 
 
-def default_resources(cpus: Optional[int], gpus: Optional[int], nodes: Optional[int]) -> Resources:
-    for name, v in (("--cpus", cpus), ("--gpus", gpus), ("--nodes", nodes)):
-        if v is not None and v < (0 if name == "--gpus" else 1):
-            raise StudyError(f"{name}: must be {'0 or more' if name == '--gpus' else 'at least 1'}, got {v}")
+def default_resources(cpus: Optional[int], gpus: Optional[int], nodes: Optional[int],
+                      load: Optional[float] = None) -> Resources:
+    for name, v in (("--cpus", cpus), ("--gpus", gpus), ("--nodes", nodes), ("--load", load)):
+        if v is not None and v < (0 if name in ("--gpus", "--load") else 1):
+            raise StudyError(f"{name}: must be {'0 or more' if name in ('--gpus', '--load') else 'at least 1'}, got {v}")
     nodes = nodes or 1
-    return Resources(cpus=cpus or (os.cpu_count() or 1) * nodes, gpus=gpus or 0, nodes=nodes)
+    return Resources(cpus=cpus or (os.cpu_count() or 1) * nodes, gpus=gpus or 0, nodes=nodes, load=load or 0.0)

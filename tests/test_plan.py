@@ -138,7 +138,7 @@ def test_plan_refuses_bad_input_like_validate(tmp_path, fixed_calibration, capsy
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
 
 
-@pytest.mark.parametrize("flag,value", [("--cpus", "0"), ("--nodes", "0"), ("--gpus", "-1")])
+@pytest.mark.parametrize("flag,value", [("--cpus", "0"), ("--nodes", "0"), ("--gpus", "-1"), ("--load", "-1")])
 def test_plan_refuses_bad_resources(tmp_path, fixed_calibration, capsys, flag, value):
     assert main(["plan", str(study(tmp_path)), flag, value]) == 2
     err = capsys.readouterr().err.strip()
@@ -251,10 +251,11 @@ def test_readme_cost_blocks(tmp_path, fixed_calibration):
     out = tmp_path / "builtin"
     out.mkdir()
     (out / "readme_run.json").write_text(json.dumps(dict(study="study/builtin/builtin.yaml", wall_seconds=300.0,
-                                                         predicted_seconds=250.0, load_average=[1.5, 2.0, 2.5],
-                                                         machine=dict(cpus=2))))
+                                                         predicted_seconds=200.0, predicted_at_load_seconds=250.0,
+                                                         load_average=[1.5, 2.0, 2.5], machine=dict(cpus=2))))
     table = readme.cost_table({"builtin": out, "so3": tmp_path / "missing"})
-    assert "| `study/builtin/builtin.yaml` | 2 CPUs | 4 min 10 s (before the run) | 5 min 0 s | 1.20 | 1.5, 2.0, 2.5 |" in table
+    assert ("| `study/builtin/builtin.yaml` | 2 CPUs | 3 min 20 s | 4 min 10 s (load 1.5) | 5 min 0 s | 1.20 | "
+            "before the run |") in table
     assert readme.cost_table({}) is None
     scale = tmp_path / "scale.json"
     row = dict(units=200, cluster="local", slots=2, load_average=1.0, run_wall_seconds=40.0, training_seconds=30.0,
@@ -295,3 +296,12 @@ def test_absurd_but_valid_studies_are_planned_within_seconds(tmp_path, fixed_cal
 def test_parallel_slowdown_is_measured(tmp_path):
     """Units side by side are never faster than one alone (the subprocess measurement)."""
     assert cost._parallel_slowdown(2, cost._worker_seconds()) >= 1.0
+
+
+def test_load_of_other_jobs_slows_the_plan(tmp_path, fixed_calibration):
+    """Other jobs' load: two units on two CPUs beside a load of 2 take twice as long."""
+    path = study(tmp_path)
+    alone = plan.plan_study(path, plan.Resources(cpus=2))
+    shared = plan.plan_study(path, plan.Resources(cpus=2, load=2.0))
+    assert plan.Resources(cpus=2, load=2.0).crowding(2) == 2.0 and plan.Resources(cpus=4, load=1).crowding(2) == 1.0
+    assert shared.phases["training"] > alone.phases["training"] and shared.total_seconds > alone.total_seconds
