@@ -577,8 +577,10 @@ def unit_cost(unit, input_shape: tuple, n_out: int, n_train: int, eval_sizes: li
     params = parameter_count(spec, width, tuple(input_shape), int(n_out))
     activations = prof.activation_bytes(width, itemsize) * max(3 * batch, eval_rows) * (
         members / max(train_blocks, 1))
-    memory = (PARAMETER_COPIES * params * itemsize * members + min(activations, CPU_MEMORY_BUDGET)
-              + (0 if gpu else WORKER_BYTES))
+    # on a CPU the passes are chunked within CPU_MEMORY_BUDGET; on a GPU one block holds them all
+    # (within half the device's memory, workers.ensemble), and the worker's own memory is the host's
+    memory = (PARAMETER_COPIES * params * itemsize * members
+              + (activations if gpu else min(activations, CPU_MEMORY_BUDGET) + WORKER_BYTES))
     return UnitCost(unit.unit_id, spec.name, width, members, train_s, log_s, memory, rows * cal.part_bytes_per_row, rows)
 
 
