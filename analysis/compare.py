@@ -56,7 +56,7 @@ alike (``ModelSpec.training``: loss, optimizer, batch size).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -188,6 +188,21 @@ def _loo_column(n_rows: int) -> np.ndarray:
     return np.full(n_rows, None, dtype=object)
 
 
+def _add_u_statistic(a: pd.DataFrame, frame: pd.DataFrame, codes: np.ndarray, blocks: dict[tuple, Blocks], name: str,
+                     centred: Callable[[Blocks, np.ndarray], np.ndarray]) -> None:
+    """Add ``{name}_jk`` and ``{name}_loo`` to the slice rows ``a``: for each ensemble of ``frame``
+    with blocks, the blocks' estimate of the squared systematic part of ``centred(blocks, rows)``
+    (its rows' block sums minus their target), each row of ``frame`` counted in slice ``codes``."""
+    a[f"{name}_jk"], loos = np.nan, _loo_column(len(a))
+    for b, rows in _ensembles(frame, blocks):
+        local, inverse = np.unique(codes[rows], return_inverse=True)
+        u, loo = jackknife.u_statistic(centred(b, rows), b.counts, inverse, len(local))
+        a.loc[local, f"{name}_jk"] = u
+        for i, r in enumerate(local):
+            loos[r] = loo[i]
+    a[f"{name}_loo"] = loos
+
+
 def _pool_loo(frame: pd.DataFrame, by: list[str], col: str) -> list:
     """Per group of ``frame.groupby(by, sort=True)`` (in its order), the sum of the rows'
     leave-one-block-out arrays; None where a row has none or the rows' blocks differ."""
@@ -291,17 +306,9 @@ def agreement(points: pd.DataFrame, blocks: Optional[dict[tuple, Blocks]] = None
     a["median_abs_z_null"], a["frac_abs_z_lt2_null"] = t_null(a["draws"])
     a["var_ratio"] = a["var_mean"] / a["var_theory_mean"]
     if blocks and "block_row" in p:
-        codes = g.ngroup().to_numpy()
-        a["bias2_jk"], loos = np.nan, _loo_column(len(a))
-        for b, rows in _ensembles(p, blocks):
-            sub = p.iloc[rows]
-            y = b.sums[sub["block_row"].to_numpy()] - sub["mu"].to_numpy()[:, None] * b.counts[None, :]
-            local, inverse = np.unique(codes[rows], return_inverse=True)
-            u, loo = jackknife.u_statistic(y, b.counts, inverse, len(local))
-            a.loc[local, "bias2_jk"] = u
-            for i, r in enumerate(local):
-                loos[r] = loo[i]
-        a["bias2_loo"] = loos
+        block_row, mu = p["block_row"].to_numpy(), p["mu"].to_numpy()
+        _add_u_statistic(a, p, g.ngroup().to_numpy(), blocks, "bias2",
+                         lambda b, rows: b.sums[block_row[rows]] - mu[rows, None] * b.counts[None, :])
     return _relative_errors(a)
 
 
@@ -425,19 +432,16 @@ def orbit_spread(points: pd.DataFrame, blocks: Optional[dict[tuple, Blocks]] = N
     if blocks and "block_row" in points:
         codes = tmp.groupby(SLICE, sort=True).ngroup().to_numpy()
         orbit_codes = g.ngroup().to_numpy()
-        a["spread2_jk"], loos = np.nan, _loo_column(len(a))
-        for b, rows in _ensembles(points, blocks):
-            y = b.sums[points["block_row"].to_numpy()[rows]]
-            oc_local, oc = np.unique(orbit_codes[rows], return_inverse=True)
-            centre = np.zeros((len(oc_local), y.shape[1]))
-            np.add.at(centre, oc, y)
-            y = y - (centre / np.bincount(oc)[:, None])[oc]
-            local, inverse = np.unique(codes[rows], return_inverse=True)
-            u, loo = jackknife.u_statistic(y, b.counts, inverse, len(local))
-            a.loc[local, "spread2_jk"] = u
-            for i, r in enumerate(local):
-                loos[r] = loo[i]
-        a["spread2_loo"] = loos
+        block_row = points["block_row"].to_numpy()
+
+        def off_orbit_mean(b: Blocks, rows: np.ndarray) -> np.ndarray:
+            y = b.sums[block_row[rows]]
+            orbit_local, orbit = np.unique(orbit_codes[rows], return_inverse=True)
+            centre = np.zeros((len(orbit_local), y.shape[1]))
+            np.add.at(centre, orbit, y)
+            return y - (centre / np.bincount(orbit)[:, None])[orbit]
+
+        _add_u_statistic(a, points, codes, blocks, "spread2", off_orbit_mean)
     return _spreads(a)
 
 
