@@ -39,12 +39,13 @@ import pandas as pd
 import torch
 
 from analysis.compare import pooled_gaps
+from analysis.regression import DESCRIPTOR_ARCHS, ci95
 from analysis.summary import fmt
 from eqntk.plan import Resources, plan_study
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules",
-                                                                                "invariance")}
+                                                                                "invariance", "qm9")}
 RUN_RECORD = "readme_run.json"  # written by --run beside the results it measured
 IGNORED = re.compile(r"^<!-- load average.*-->\n", re.M)  # the one clock reading: not compared
 
@@ -444,6 +445,120 @@ def regression_pairs(out: Path) -> str:
     return (f"Paired differences in {what} (first minus second, same draws), over the sizes:\n\n" + "".join(lines))
 
 
+# ----- QM9 (study/builtin/qm9.yaml): MAE in meV, who wins where, kernel speed -----------------
+def qm9_predictors(out: Path) -> dict[str, pd.DataFrame]:
+    """Each predictor's test MAE per (size, draw) in meV, in study order: the per-element
+    baseline alone, each model under each kernel, each descriptor kernel once (it is filed
+    under both kernel names)."""
+    p = out / "regression.parquet"
+    if not p.is_file():
+        raise BadInput(f"--qm9: {p} not found; run `eqntk run study/builtin/qm9.yaml --out {out}`")
+    t = pd.read_parquet(p)
+    t = t[np.isinf(t["time"])]
+    first = t[(t.model == t.model.iloc[0]) & (t.kernel == t.kernel.iloc[0])]
+    out_ = {"per-element linear": first.assign(mev=1000 * first.baseline_mae)[["size", "draw", "mev"]]}
+    for (m, k), g in t.groupby(["model", "kernel"], sort=False):
+        if g.arch.iloc[0] in DESCRIPTOR_ARCHS:
+            if k == t.kernel.iloc[0]:
+                out_[f"{m}"] = g.assign(mev=1000 * g.test_mae)[["size", "draw", "mev"]]
+        else:
+            out_[f"{m} {k.upper()}"] = g.assign(mev=1000 * g.test_mae)[["size", "draw", "mev"]]
+    return out_
+
+
+def mev(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else (f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}")
+
+
+def qm9_table(out: Path) -> str:
+    preds = qm9_predictors(out)
+    sizes = sorted(next(iter(preds.values()))["size"].unique())
+    rows = []
+    for size in sizes:
+        row = [str(size)]
+        for g in preds.values():
+            m, lo, hi = ci95(g[g["size"] == size]["mev"])
+            row.append(mev(m) + (f" [{mev(lo)}, {mev(hi)}]" if np.isfinite(hi) else ""))
+        rows.append(row)
+    draws = json.loads((out / "study.json").read_text())["config"]["regression"]["draws"]
+    return (f"Test MAE in meV on the test molecules, mean [95% CI] over {draws} seeded draws of the training set "
+            "(one draw where the size is the whole pool); every kernel regresses what the per-element baseline leaves:\n\n"
+            + markdown_table(["training molecules", *preds], rows, [True] * (len(preds) + 1)))
+
+
+def qm9_wins(out: Path) -> str:
+    """At each size the lowest mean MAE, and every other predictor's paired difference to it."""
+    preds = qm9_predictors(out)
+    lines = []
+    for size in sorted(next(iter(preds.values()))["size"].unique()):
+        at = {k: g[g["size"] == size].set_index("draw")["mev"] for k, g in preds.items()}
+        best = min(at, key=lambda k: at[k].mean())
+        behind, tied = [], []
+        for k, v in at.items():
+            if k == best:
+                continue
+            d = (v - at[best]).dropna()
+            m, lo, hi = ci95(d)
+            text = f"{k} {signed(m, 1 if abs(m) < 100 else 0)}" + (f" [{mev(lo)}, {mev(hi)}]" if np.isfinite(hi) else "")
+            (behind if np.isfinite(lo) and lo > 0 else tied).append(text)
+        n = len(at[best])
+        head = f"- n = {size}: **{best}** {mev(at[best].mean())} meV"
+        if n < 2:
+            lines.append(head + f" (one draw, no interval; others: {', '.join(behind + tied)})\n")
+            continue
+        lines.append(head + (f"; significantly behind it (paired difference, meV [95% CI]): {', '.join(behind)}" if behind else "")
+                     + (f"; not distinguishable from it: {', '.join(tied)}" if tied else "")
+                     + "\n")
+    return "Lowest test MAE at each training size, and the others' paired differences to it (same draws, meV):\n\n" + "".join(lines)
+
+
+def qm9_speed(out: Path) -> str:
+    """Per-atom-pair kernel time of the run, and its wall time on more CPUs: the kernel CPU
+    time (kernel wall x the run's CPUs, all of them busy with blocks) over N CPUs plus the rest
+    of the run (data, learning curves, report), which does not spread."""
+    rec = run_record(out)
+    if rec.get("wall_seconds") is None:
+        raise BadInput(f"--qm9: {out / RUN_RECORD} not found; run `scripts/readme.py --run qm9` to measure the run")
+    cpus = (rec.get("machine") or machine())["cpus"]
+    metas = [json.loads(p.read_text()) for p in sorted((out / "kernels").glob("*.json"))]
+    atom = [m for m in metas if m.get("atom_pairs_computed")]
+    lines = []
+    cpu_total = 0.0
+    for m in atom:
+        wall_per = m["seconds"] * cpus / m["atom_pairs_computed"]
+        # the CPU time the blocks took, where recorded; else wall x CPUs (an upper bound on a shared machine)
+        cpu = m.get("cpu_seconds") if np.isfinite(m.get("cpu_seconds", np.nan)) else m["seconds"] * cpus
+        cpu_total += cpu
+        cached = m["blocks"] - m["blocks_computed"]
+        text = (f"- {m['model']}: {m['atom_pairs_computed']:.3g} atom pairs computed (the pool's symmetric block once) "
+                f"in {seconds(m['seconds'])} on {cpus} CPUs, {1e6 * wall_per:.2f} us of wall time per atom pair per CPU")
+        if m.get("cpu_seconds") is not None:
+            text += f", {1e6 * cpu / m['atom_pairs_computed']:.2f} us of CPU time"
+        lines.append(text + (f" ({cached} of {m['blocks']} blocks from the cache)" if cached else f", {m['blocks']} Ray tasks")
+                     + "\n")
+    kernel = sum(m["seconds"] for m in metas)
+    other = sum(m["seconds"] for m in metas if not m.get("atom_pairs_computed"))
+    wall = float(rec["wall_seconds"])
+    rest = max(0.0, wall - kernel)
+    pred = ", ".join(f"{n} CPUs ~{seconds(rest + other + cpu_total / n)}" for n in (1, 16, 64))
+    load = rec.get("load_average")
+    lines.append(f"- `eqntk run study/builtin/qm9.yaml`: {seconds(wall)} end to end on {cpus} CPUs"
+                 + (f" (load average before the run {', '.join(map(str, load))})" if load else "")
+                 + f", of which kernels {seconds(kernel)}; predicted on {pred} (the atom kernels' CPU time over the CPUs "
+                 f"plus the {seconds(rest + other)} that does not spread: data, descriptor kernel, learning curves, report)\n")
+    return "".join(lines)
+
+
+def qm9_blocks(out: Path) -> tuple[dict[str, str], dict[str, Path]]:
+    need(out / "study.json", "--qm9", "give a results directory of `eqntk run study/builtin/qm9.yaml`")
+    png = need(out / "report" / "learning_curves.png", "--qm9", f"run `eqntk report {out}` first")
+    target = "docs/img/qm9_learning_curves.png"
+    blocks = {"qm9-run": run_facts(out), "qm9-speed": qm9_speed(out), "qm9-table": qm9_table(out),
+              "qm9-figure": f"![QM9 learning curves: test MAE (meV) against training molecules, 95% CI bands]({target})\n",
+              "qm9-wins": qm9_wins(out)}
+    return blocks, {target: png}
+
+
 # ----- blocks of each kind of directory ---------------------------------------------------------
 def need(path: Path, option: str, fix: str) -> Path:
     if not path.is_file():
@@ -487,6 +602,10 @@ def render(dirs: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
             images.update(i)
         elif prefix == "invariance":
             blocks.update(invariance_blocks(out))
+        elif prefix == "qm9":
+            b, i = qm9_blocks(out)
+            blocks.update(b)
+            images.update(i)
         else:
             blocks.update(regression_blocks(out, prefix))
     return blocks, images

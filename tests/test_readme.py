@@ -167,6 +167,52 @@ def test_regression_tables_and_pairs(tmp_path):
     assert "kernels: cnn 10 s, cnn_aug 20 s, gcnn 30 s, 60 s in all" in readme.run_facts(out)
 
 
+def qm9_dir(root: Path) -> Path:
+    """A QM9 results directory with a hand-made table: two per-atom models under NTK and NNGP,
+    a descriptor kernel filed under both names, the per-element baseline; size 20 is one draw."""
+    (root / "kernels").mkdir(parents=True)
+    (root / "report").mkdir()
+    rows = []
+    for model, arch in (("gcnn", "so3_gcnn"), ("mlp", "sphere_mlp"), ("coulomb", "coulomb_laplacian")):
+        for kernel in ("ntk", "nngp"):
+            for size, draws in ((10, 3), (20, 1)):
+                for d in range(draws):
+                    mae = {"gcnn": 0.100, "mlp": 0.200, "coulomb": 0.150}[model] + 0.01 * d + (0.002 if kernel == "nngp" else 0)
+                    rows.append(dict(model=model, arch=arch, kernel=kernel, time=float("inf"), size=size, draw=d,
+                                     test_mae=mae, test_rmse=2 * mae, baseline_mae=0.5 + 0.01 * d, baseline_rmse=0.7))
+    pd.DataFrame(rows).to_parquet(root / "regression.parquet")
+    (root / "study.json").write_text(json.dumps(dict(config=dict(models=[dict(name="gcnn"), dict(name="mlp")],
+                                                                   regression=dict(draws=3)))))
+    (root / "report" / "learning_curves.png").write_bytes(b"png")
+    (root / "kernels" / "a.json").write_text(json.dumps(dict(model="gcnn", seconds=100.0, atom_pairs_computed=4.0e7,
+                                                             blocks=10, blocks_computed=10, cpu_seconds=160.0)))
+    (root / "kernels" / "b.json").write_text(json.dumps(dict(model="coulomb", seconds=1.0)))
+    (root / "readme_run.json").write_text(json.dumps(dict(wall_seconds=161.0, load_average=[1.0, 1.0, 1.0],
+                                                          machine=dict(platform="Linux-test", cpus=2, memory_gib=24, gpu=None))))
+    return root
+
+
+def test_qm9_blocks_in_mev_with_winners_and_speed(tmp_path):
+    blocks, images = readme.render({"qm9": qm9_dir(tmp_path / "qm9")})
+    assert sorted(blocks) == ["qm9-figure", "qm9-run", "qm9-speed", "qm9-table", "qm9-wins"]
+    assert images == {"docs/img/qm9_learning_curves.png": tmp_path / "qm9" / "report" / "learning_curves.png"}
+    table = blocks["qm9-table"]
+    assert "| training molecules | per-element linear | gcnn NTK | gcnn NNGP | mlp NTK | mlp NNGP | coulomb |" in table
+    # 3 draws of 100, 110, 120 meV: mean 110, t(0.975, 2) * 10 / sqrt(3) = 24.8
+    assert "| 10 | 510 [485, 535] | 110 [85.2, 135] | 112 [87.2, 137] |" in table
+    assert "| 20 | 500 | 100 | 102 | 200 | 202 | 150 |" in table  # one draw: no interval
+    wins = blocks["qm9-wins"]
+    assert "- n = 10: **gcnn NTK** 110 meV; significantly behind it" in wins
+    assert "gcnn NNGP +2.0 [2.0, 2.0]" in wins and "per-element linear +400" in wins
+    assert "- n = 20: **gcnn NTK** 100 meV (one draw, no interval" in wins
+    speed = blocks["qm9-speed"]
+    # 100 s on 2 CPUs for 4e7 pairs: 5 us of wall time per pair per CPU, 160 CPU seconds: 4 us of CPU time;
+    # 161 s end to end, 100 s of atom kernels: 61 s that does not spread, plus 160 / N
+    assert "- gcnn: 4e+07 atom pairs computed" in speed and "5.00 us of wall time per atom pair per CPU" in speed
+    assert "4.00 us of CPU time" in speed and "2 min 41 s end to end on 2 CPUs" in speed
+    assert "1 CPUs ~3 min 41 s, 16 CPUs ~71 s, 64 CPUs ~64 s" in speed and "plus the 61 s that does not spread" in speed
+
+
 def test_so3_blocks_summary_and_gaps_in_study_order(builtin):
     blocks, images = readme.render({"so3": builtin})
     assert sorted(blocks) == ["so3-gaps", "so3-run", "so3-summary"] and not images
