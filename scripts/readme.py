@@ -681,10 +681,14 @@ def paper_blocks(path: Path) -> dict[str, str]:
                                  f"{rec['paper_cluster']['text']}\n```\n"}
     run = rec.get("slice_run")
     if run:
+        loaded = run.get("predicted_at_load_seconds")
+        at = (f", {seconds(loaded)} at the load average before the run ({run['load_average_before'][0]:g})"
+              if loaded else "")
+        ratio = run["wall_seconds"] / (loaded or run["predicted_seconds"])
         out["paper-slice"] = (
-            f"- `{rec['slice_plan']['study']}` ({run['units']} units): predicted {seconds(run['predicted_seconds'])}, "
-            f"measured {seconds(run['wall_seconds'])} end to end (measured / predicted "
-            f"{run['wall_seconds'] / run['predicted_seconds']:.2f}); {seconds(run['unit_seconds'])} summed over units, "
+            f"- `{rec['slice_plan']['study']}` ({run['units']} units): predicted {seconds(run['predicted_seconds'])} "
+            f"with the machine to itself{at}; measured {seconds(run['wall_seconds'])} end to end (measured / "
+            f"predicted{' at that load' if loaded else ''} {ratio:.2f}); {seconds(run['unit_seconds'])} summed over units, "
             f"{run['part_bytes'] / 1e6:.0f} MB of Parquet parts; load average "
             f"{', '.join(map(str, run['load_average_before']))} before, "
             f"{', '.join(map(str, run['load_average_after']))} after (1, 5, 15 min)\n")
