@@ -305,3 +305,21 @@ def test_load_of_other_jobs_slows_the_plan(tmp_path, fixed_calibration):
     shared = plan.plan_study(path, plan.Resources(cpus=2, load=2.0))
     assert plan.Resources(cpus=2, load=2.0).crowding(2) == 2.0 and plan.Resources(cpus=4, load=1).crowding(2) == 1.0
     assert shared.phases["training"] > alone.phases["training"] and shared.total_seconds > alone.total_seconds
+
+
+def test_readme_paper_blocks(tmp_path):
+    readme = readme_module()
+    rec = dict(paper_here=dict(study="study/builtin/paper.yaml", text="study paper: ..."),
+               paper_cluster=dict(study="study/builtin/paper.yaml", text="study paper: ... 16 GPUs"),
+               slice_plan=dict(study="study/builtin/paper_slice.yaml", total_seconds=200.0),
+               slice_run=dict(wall_seconds=300.0, predicted_seconds=200.0, predicted_at_load_seconds=250.0, units=160,
+                              unit_seconds=500.0, part_bytes=2e8, load_average_before=[1.5, 1.0, 1.0],
+                              load_average_after=[2.0, 1.0, 1.0]))
+    path = tmp_path / "paper_plan.json"
+    path.write_text(json.dumps(rec))
+    blocks = readme.paper_blocks(path)
+    assert sorted(blocks) == ["paper-slice", "plan-paper", "plan-paper-cluster"]
+    assert "--gpus 16 --nodes 2 --cpus 64" in blocks["plan-paper-cluster"]
+    assert "predicted 3 min 20 s with the machine to itself, 4 min 10 s at the load average before the run (1.5)" \
+        in blocks["paper-slice"]
+    assert "(measured / predicted at that load 1.20)" in blocks["paper-slice"]
