@@ -41,7 +41,7 @@ import torch
 from analysis.compare import pooled_gaps
 from analysis.regression import DESCRIPTOR_ARCHS, ci95
 from analysis.summary import fmt
-from eqntk.plan import Resources, plan_study
+from eqntk.plan import Resources, current_load, plan_study
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules",
@@ -626,14 +626,15 @@ def predicted_seconds(study: Path, cpus: int, load: float = 0.0) -> float:
 
 def cost_table(dirs: dict[str, Path]) -> Optional[str]:
     """Predicted against measured wall time of each results directory a --run recorded: the
-    machine to itself, and at the load average of the minute before the run."""
+    machine to itself, and at other jobs' load just before the run (``eqntk.plan.current_load``;
+    the 1-minute load average for a run that did not record it)."""
     rows = []
     for name in COST_STUDIES:
         rec = run_record(dirs[name]) if name in dirs else {}
         if not rec.get("wall_seconds"):
             continue
         cpus = (rec.get("machine") or {}).get("cpus") or os.cpu_count()
-        load = (rec.get("load_average") or [0.0])[0]
+        load = rec.get("load_now", (rec.get("load_average") or [0.0])[0])
         recorded = rec.get("predicted_seconds") is not None
         alone = rec["predicted_seconds"] if recorded else predicted_seconds(dirs[name] / "study.yaml", cpus)
         loaded = (rec.get("predicted_at_load_seconds") if recorded
@@ -643,7 +644,7 @@ def cost_table(dirs: dict[str, Path]) -> Optional[str]:
                      "before the run" if recorded else "after, from this machine's calibration"])
     if not rows:
         return None
-    return markdown_table(["study", "machine", "predicted, machine to itself", "predicted at the load before the run",
+    return markdown_table(["study", "machine", "predicted, machine to itself", "predicted at other jobs' load",
                            "measured end to end", "measured / predicted at load", "predicted"],
                           rows, [False, False, True, True, True, True, False])
 
@@ -682,8 +683,8 @@ def paper_blocks(path: Path) -> dict[str, str]:
     run = rec.get("slice_run")
     if run:
         loaded = run.get("predicted_at_load_seconds")
-        at = (f", {seconds(loaded)} at the load average before the run ({run['load_average_before'][0]:g})"
-              if loaded else "")
+        load = run.get("load_now", run["load_average_before"][0])
+        at = f", {seconds(loaded)} at other jobs' load just before the run ({load:g})" if loaded else ""
         ratio = run["wall_seconds"] / (loaded or run["predicted_seconds"])
         out["paper-slice"] = (
             f"- `{rec['slice_plan']['study']}` ({run['units']} units): predicted {seconds(run['predicted_seconds'])} "
@@ -743,13 +744,13 @@ def check_markers(text: str, blocks: dict[str, str], readme: Path) -> None:
 def run_study(name: str, out: Path) -> None:
     """``eqntk run STUDY --out out``, recording what the results directory does not hold."""
     before_load, rss_before = load_average(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # what `eqntk plan` predicts for this machine before the run, alone and at the load of the
-    # minute before (README "cost-measured")
+    # what `eqntk plan` predicts for this machine before the run, alone and at other jobs' load
+    # now (README "cost-measured")
     predicted = {}
     if name in COST_STUDIES:
-        cpus = os.cpu_count() or 1
-        predicted = dict(predicted_seconds=predicted_seconds(STUDIES[name], cpus),
-                         predicted_at_load_seconds=predicted_seconds(STUDIES[name], cpus, (before_load or [0.0])[0]))
+        cpus, now = os.cpu_count() or 1, current_load()
+        predicted = dict(predicted_seconds=predicted_seconds(STUDIES[name], cpus), load_now=now,
+                         predicted_at_load_seconds=predicted_seconds(STUDIES[name], cpus, now))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "eqntk.cli", "run", str(STUDIES[name]), "--out", str(out), "--no-progress"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
