@@ -9,7 +9,7 @@ README.md:
   --cpus 64`` (a 16-GPU Ray cluster of two nodes with 8 GPUs and 32 CPUs each);
 - the plan of study/builtin/paper_slice.yaml (its smallest widths) on this machine and, with
   ``--run``, that slice run here (``eqntk run``, wall time end to end, the load average
-  before and after, and the plan at the load average before). Wrap ``--run`` in the CPU lock: it keeps both cores busy for minutes.
+  before and after, and the plan at other jobs' load just before, ``eqntk.plan.current_load``). Wrap ``--run`` in the CPU lock: it keeps both cores busy for minutes.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     print(record["paper_here"]["text"], record["paper_cluster"]["text"], record["slice_plan"]["text"], sep="\n")
     if a.run:
         with tempfile.TemporaryDirectory(prefix="paper-slice-") as d:
-            load = [round(x, 2) for x in os.getloadavg()]
-            at_load = planned(SLICE, plan.Resources(cpus=cpus, load=load[0]))["total_seconds"]
+            load, now = [round(x, 2) for x in os.getloadavg()], plan.current_load()
+            at_load = planned(SLICE, plan.Resources(cpus=cpus, load=now))["total_seconds"]
             t0 = time.perf_counter()
             r = subprocess.run([EQNTK, "run", str(SLICE), "--out", str(Path(d) / "out"), "--no-progress"],
                                capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                                        unit_seconds=round(sum(u["seconds"] for u in units), 1), units=len(units),
                                        part_bytes=sum(p.stat().st_size for p in parts),
                                        predicted_seconds=record["slice_plan"]["total_seconds"],
-                                       predicted_at_load_seconds=at_load)
+                                       predicted_at_load_seconds=at_load, load_now=now)
             print(json.dumps(record["slice_run"]))
     a.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {a.out}")

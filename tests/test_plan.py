@@ -256,6 +256,9 @@ def test_readme_cost_blocks(tmp_path, fixed_calibration):
     table = readme.cost_table({"builtin": out, "so3": tmp_path / "missing"})
     assert ("| `study/builtin/builtin.yaml` | 2 CPUs | 3 min 20 s | 4 min 10 s (load 1.5) | 5 min 0 s | 1.20 | "
             "before the run |") in table
+    rec = json.loads((out / "readme_run.json").read_text())
+    (out / "readme_run.json").write_text(json.dumps(dict(rec, load_now=0.5)))
+    assert "4 min 10 s (load 0.5)" in readme.cost_table({"builtin": out})
     assert readme.cost_table({}) is None
     scale = tmp_path / "scale.json"
     row = dict(units=200, cluster="local", slots=2, load_average=1.0, run_wall_seconds=40.0, training_seconds=30.0,
@@ -320,6 +323,11 @@ def test_readme_paper_blocks(tmp_path):
     blocks = readme.paper_blocks(path)
     assert sorted(blocks) == ["paper-slice", "plan-paper", "plan-paper-cluster"]
     assert "--gpus 16 --nodes 2 --cpus 64" in blocks["plan-paper-cluster"]
-    assert "predicted 3 min 20 s with the machine to itself, 4 min 10 s at the load average before the run (1.5)" \
+    assert "predicted 3 min 20 s with the machine to itself, 4 min 10 s at other jobs' load just before the run (1.5)" \
         in blocks["paper-slice"]
     assert "(measured / predicted at that load 1.20)" in blocks["paper-slice"]
+
+
+def test_current_load_counts_other_runnable_processes():
+    load = plan.current_load(samples=3, every=0.01)
+    assert 0 <= load < 1000
