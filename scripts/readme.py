@@ -639,14 +639,15 @@ def cost_table(dirs: dict[str, Path]) -> Optional[str]:
         alone = rec["predicted_seconds"] if recorded else predicted_seconds(dirs[name] / "study.yaml", cpus)
         loaded = (rec.get("predicted_at_load_seconds") if recorded
                   else predicted_seconds(dirs[name] / "study.yaml", cpus, load))
+        wall = rec["wall_seconds"]
         rows.append([f"`{rec.get('study', name)}`", f"{cpus} CPUs", seconds(alone), f"{seconds(loaded)} (load {load:g})",
-                     seconds(rec["wall_seconds"]), f"{rec['wall_seconds'] / loaded:.2f}",
+                     seconds(wall), f"{wall / alone:.2f}", f"{wall / loaded:.2f}",
                      "before the run" if recorded else "after, from this machine's calibration"])
     if not rows:
         return None
     return markdown_table(["study", "machine", "predicted, machine to itself", "predicted at other jobs' load",
-                           "measured end to end", "measured / predicted at load", "predicted"],
-                          rows, [False, False, True, True, True, True, False])
+                           "measured end to end", "measured / predicted alone", "measured / predicted at load",
+                           "predicted"], rows, [False, False, True, True, True, True, True, False])
 
 
 def scale_table(path: Path) -> str:
