@@ -254,7 +254,7 @@ def test_readme_cost_blocks(tmp_path, fixed_calibration):
                                                          predicted_seconds=200.0, predicted_at_load_seconds=250.0,
                                                          load_average=[1.5, 2.0, 2.5], machine=dict(cpus=2))))
     table = readme.cost_table({"builtin": out, "so3": tmp_path / "missing"})
-    assert ("| `study/builtin/builtin.yaml` | 2 CPUs | 3 min 20 s | 4 min 10 s (load 1.5) | 5 min 0 s | 1.20 | "
+    assert ("| `study/builtin/builtin.yaml` | 2 CPUs | 3 min 20 s | 4 min 10 s (load 1.5) | 5 min 0 s | 1.50 | 1.20 | "
             "before the run |") in table
     rec = json.loads((out / "readme_run.json").read_text())
     (out / "readme_run.json").write_text(json.dumps(dict(rec, load_now=0.5)))
