@@ -750,8 +750,11 @@ def run_study(name: str, out: Path) -> None:
     predicted = {}
     if name in COST_STUDIES:
         cpus, now = os.cpu_count() or 1, current_load()
-        predicted = dict(predicted_seconds=predicted_seconds(STUDIES[name], cpus), load_now=now,
-                         predicted_at_load_seconds=predicted_seconds(STUDIES[name], cpus, now))
+        try:
+            predicted = dict(predicted_seconds=predicted_seconds(STUDIES[name], cpus), load_now=now,
+                             predicted_at_load_seconds=predicted_seconds(STUDIES[name], cpus, now))
+        except Exception as e:  # a prediction must never stop the run it predicts
+            print(f"readme.py: no prediction for {name} ({type(e).__name__}: {e})", file=sys.stderr)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "eqntk.cli", "run", str(STUDIES[name]), "--out", str(out), "--no-progress"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
