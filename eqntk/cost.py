@@ -35,7 +35,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
