@@ -88,6 +88,13 @@ def _worst(answers: list[str]) -> str:
     return DIFFERS if DIFFERS in answers else INCONCLUSIVE if INCONCLUSIVE in answers or not answers else AGREES
 
 
+def _subject_first(s: Summary, model: str, lr: float) -> tuple:
+    """Order of a family's models in its verdict: the augmented ones (what the study is about)
+    before the non-augmented controls, then the study's order; the first with the worst answer speaks."""
+    return (s.models.loc[model, "augmentation"] == "none" and s.arch(model) in ("mlp", "cnn", "sphere_mlp"),
+            s.model_order.index(model), lr)
+
+
 def _row(frame: pd.DataFrame, **eq) -> pd.Series | None:
     m = np.ones(len(frame), bool)
     for k, v in eq.items():
@@ -106,7 +113,7 @@ def agreement(s: Summary) -> list[Verdict]:
     out = []
     for fam in FAMILIES:
         models = [(m, lr) for (m, lr) in s.largest if s.arch(m) == fam and ((s.errors["model"] == m) & (s.errors["lr"] == lr)).any()]
-        models.sort(key=lambda k: (s.model_order.index(k[0]), k[1]))
+        models.sort(key=lambda k: _subject_first(s, *k))
         if not models:
             continue
         rows, answers = [], []
@@ -169,7 +176,7 @@ def width(s: Summary, summary: pd.DataFrame = None) -> list[Verdict]:
     for fam in FAMILIES:
         models = [(m, lr) for (m, lr) in s.largest if s.arch(m) == fam and ((s.errors["model"] == m) & (s.errors["lr"] == lr)).any()] \
             if len(s.errors) else []
-        models.sort(key=lambda k: (s.model_order.index(k[0]), k[1]))
+        models.sort(key=lambda k: _subject_first(s, *k))
         if not models:
             continue
         fits, details = [], []
