@@ -624,14 +624,28 @@ def predicted_seconds(study: Path, cpus: int, load: float = 0.0) -> float:
     return round(plan_study(study, Resources(cpus=int(cpus), load=float(load))).total_seconds, 1)
 
 
-def cost_table(dirs: dict[str, Path]) -> Optional[str]:
+COST_HEADER = ["study", "machine", "predicted, machine to itself", "predicted at other jobs' load",
+               "measured end to end", "measured / predicted alone", "measured / predicted at load", "predicted"]
+
+
+def cost_table(dirs: dict[str, Path], previous: str = "") -> Optional[str]:
     """Predicted against measured wall time of each results directory a --run recorded: the
     machine to itself, and at other jobs' load just before the run (``eqntk.plan.current_load``;
-    the 1-minute load average for a run that did not record it)."""
-    rows = []
+    the 1-minute load average for a run that did not record it). A study not among ``dirs``
+    keeps its row of the ``previous`` table, so a --run of some studies updates only theirs."""
+    header = markdown_table(COST_HEADER, [], [False, False, True, True, True, True, True, False])
+    kept = {}
+    if previous.startswith(header):
+        for line in previous[len(header):].splitlines():
+            for name in COST_STUDIES:
+                if line.startswith(f"| `study/builtin/{name}.yaml` |"):
+                    kept[name] = line
+    lines = []
     for name in COST_STUDIES:
         rec = run_record(dirs[name]) if name in dirs else {}
         if not rec.get("wall_seconds"):
+            if name in kept:
+                lines.append(kept[name])
             continue
         cpus = (rec.get("machine") or {}).get("cpus") or os.cpu_count()
         load = rec.get("load_now", (rec.get("load_average") or [0.0])[0])
@@ -640,14 +654,13 @@ def cost_table(dirs: dict[str, Path]) -> Optional[str]:
         loaded = (rec.get("predicted_at_load_seconds") if recorded
                   else predicted_seconds(dirs[name] / "study.yaml", cpus, load))
         wall = rec["wall_seconds"]
-        rows.append([f"`{rec.get('study', name)}`", f"{cpus} CPUs", seconds(alone), f"{seconds(loaded)} (load {load:g})",
-                     seconds(wall), f"{wall / alone:.2f}", f"{wall / loaded:.2f}",
-                     "before the run" if recorded else "after, from this machine's calibration"])
-    if not rows:
+        row = [f"`{rec.get('study', name)}`", f"{cpus} CPUs", seconds(alone), f"{seconds(loaded)} (load {load:g})",
+               seconds(wall), f"{wall / alone:.2f}", f"{wall / loaded:.2f}",
+               "before the run" if recorded else "after, from this machine's calibration"]
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    if not lines:
         return None
-    return markdown_table(["study", "machine", "predicted, machine to itself", "predicted at other jobs' load",
-                           "measured end to end", "measured / predicted alone", "measured / predicted at load",
-                           "predicted"], rows, [False, False, True, True, True, True, True, False])
+    return header + "".join(line + "\n" for line in lines)
 
 
 def scale_table(path: Path) -> str:
@@ -702,7 +715,7 @@ def cost_blocks(text: str, dirs: dict[str, Path]) -> dict[str, str]:
     wanted = lambda name: block_pattern(name).search(text) is not None  # noqa: E731
     blocks: dict[str, str] = {}
     if wanted("cost-measured"):
-        table = cost_table(dirs)
+        table = cost_table(dirs, block_pattern("cost-measured").search(text).group(2))
         if table:
             blocks["cost-measured"] = table
     if wanted("scale") and BENCHMARK_RECORDS["scale"].is_file():
