@@ -256,6 +256,8 @@ def test_readme_cost_blocks(tmp_path, fixed_calibration):
     table = readme.cost_table({"builtin": out, "so3": tmp_path / "missing"})
     assert ("| `study/builtin/builtin.yaml` | 2 CPUs | 3 min 20 s | 4 min 10 s (load 1.5) | 5 min 0 s | 1.50 | 1.20 | "
             "before the run |") in table
+    # a --run of other studies keeps this row; a --run of this one replaces it
+    assert readme.cost_table({"so3": tmp_path / "missing"}, table) == table
     rec = json.loads((out / "readme_run.json").read_text())
     (out / "readme_run.json").write_text(json.dumps(dict(rec, load_now=0.5)))
     assert "4 min 10 s (load 0.5)" in readme.cost_table({"builtin": out})
