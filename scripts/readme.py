@@ -45,7 +45,7 @@ from eqntk.plan import Resources, current_load, plan_study
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = {name: ROOT / "study" / "builtin" / f"{name}.yaml" for name in ("builtin", "so3", "regression", "molecules",
-                                                                                "invariance", "qm9")}
+                                                                                "invariance", "pairing", "qm9")}
 RUN_RECORD = "readme_run.json"  # written by --run beside the results it measured
 IGNORED = re.compile(r"^<!-- load average.*-->\n", re.M)  # the one clock reading: not compared
 
@@ -317,6 +317,27 @@ def invariance_blocks(out: Path) -> dict[str, str]:
     need(out / "study.json", "--invariance", "give a results directory of `eqntk run study/builtin/invariance.yaml`")
     return {"invariance-run": run_facts(out), "invariance-table": invariance_table(out),
             "invariance-verdicts": verdicts_block(out, "invariance.json")}
+
+
+# ----- antithetic pairs against independent members (study/builtin/pairing.yaml) ---------------
+def pairing_table(out: Path) -> str:
+    """Per family and width, pooled over the logged steps after initialisation and the eval sets:
+    the independent ensemble's squared standard error over the antithetic pairs' at equal member
+    count, and the gap between the two means (both unbiased: about 1 combined SE, and a relative
+    size whose 95% interval holds 0)."""
+    p = pd.read_parquet(need(out / "analysis" / "pairs.parquet", "--pairing", f"run `eqntk analyze {out}` first"))
+    p = p[p["kind"] == "pairing"]
+    g = pooled_gaps(p, ["a", "b", "width"])
+    rows = [[b, sig3(r["width"]), sig3(int(r["members_b"])), fixed(1)(r["se2_ratio"]), fixed(2)(r["gap_se"]),
+             f"{percent2(r['rel_gap_est'])} [{percent2(r['rel_gap_lo'])}, {percent2(r['rel_gap_hi'])}]"]
+            for (a, b), sub in g.groupby(["a", "b"], sort=False) for _, r in sub.sort_values("width").iterrows()]
+    return markdown_table(["model (pairs)", "width", "members", "SE^2 independent / pairs", "gap (combined SE)",
+                           "relative gap [95% CI]"], rows, [False, True, True, True, True, True])
+
+
+def pairing_blocks(out: Path) -> dict[str, str]:
+    need(out / "study.json", "--pairing", "give a results directory of `eqntk run study/builtin/pairing.yaml`")
+    return {"pairing-run": run_facts(out), "pairing-table": pairing_table(out)}
 
 
 # ----- kernel-regression studies ----------------------------------------------------------------
@@ -602,6 +623,8 @@ def render(dirs: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
             images.update(i)
         elif prefix == "invariance":
             blocks.update(invariance_blocks(out))
+        elif prefix == "pairing":
+            blocks.update(pairing_blocks(out))
         elif prefix == "qm9":
             b, i = qm9_blocks(out)
             blocks.update(b)
