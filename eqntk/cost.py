@@ -54,7 +54,7 @@ from workers.unit import reproducible
 
 from .store import PartWriter
 
-CALIBRATION_FORMAT = 14  # bump when the benchmark or what it measures changes
+CALIBRATION_FORMAT = 15  # bump when the benchmark or what it measures changes
 
 
 # ----- the machine's rates ----------------------------------------------------------------------
@@ -82,6 +82,7 @@ class Calibration:
     machine: dict
     mm_flops: float  # matrix products, flops per second
     conv_flops: float  # convolutions (forward and backward), flops per second
+    gconv_flops: float  # grouped convolutions (what vmap makes of a block of members' convolutions)
     memory: float  # elements read or written per second by the other operations (views are free)
     index: float  # elements written per second by gathers and scatters
     op_seconds: float  # fixed cost of dispatching one operation
@@ -161,6 +162,7 @@ REFERENCES = [
     ("mlp", {"depth": 2}, 512, 128, True, 4),
     ("group_mlp", {"depth": 1, "support": "identity"}, 256, 32, True, 8),
     ("cnn", {"depth": 2}, 16, 32, True, 4),
+    ("cnn", {"depth": 2}, 16, 32, True, 32),
     ("gcnn", {"depth": 2}, 8, 32, True, 4),
     ("gcnn", {"depth": 2}, 16, 32, True, 2),
     ("gcnn", {"depth": 2}, 2, 32, True, 32),
@@ -171,7 +173,7 @@ REFERENCES = [
                   "nonlinearity": "relu"}, 8, 24, True, 16),
     ("sphere_mlp", {"depth": 2, "group": "SO3", "nonlinearity": "relu"}, 128, 24, True, 16),
 ]
-RATE_NAMES = ("mm_flops", "conv_flops", "memory", "index")
+RATE_NAMES = ("mm_flops", "conv_flops", "gconv_flops", "memory", "index")
 
 
 def calibrate() -> Calibration:
@@ -195,10 +197,10 @@ def calibrate() -> Calibration:
     scale[scale == 0] = 1
     coef, _ = nnls((a / scale) / t[:, None], np.ones(len(t)))
     per_unit = coef / scale  # seconds per flop, element, operation
-    rates = {name: (1 / c if c > 0 else math.inf) for name, c in zip(RATE_NAMES, per_unit[:4])}
+    rates = {name: (1 / c if c > 0 else math.inf) for name, c in zip(RATE_NAMES, per_unit[:5])}
     fit = a @ per_unit
     worker = _worker_seconds()
-    return Calibration(machine=machine_key(), **rates, op_seconds=float(per_unit[4]), pass_seconds=float(per_unit[5]),
+    return Calibration(machine=machine_key(), **rates, op_seconds=float(per_unit[5]), pass_seconds=float(per_unit[6]),
                        worker_seconds=worker, parallel_slowdown=_parallel_slowdown(os.cpu_count() or 1, worker),
                        part_bytes_per_row=part_bytes, write_seconds_per_row=write_s,
                        write_seconds_per_call=write_call, measured_at=time.time(),
@@ -236,7 +238,7 @@ def _reference(arch: str, fields: dict, width: int, batch: int, train: bool, mem
     ens._forward = forward
     with reproducible():  # as units train (deterministic algorithms, denormals flushed)
         seconds = _best_of(run, repeats=3, min_seconds=0.05)
-    return [counter.mm, counter.conv, counter.memory, counter.index, counter.ops, passes], seconds
+    return [counter.mm, counter.conv, counter.gconv, counter.memory, counter.index, counter.ops, passes], seconds
 
 
 def _part_rates() -> tuple[float, float, float]:
@@ -330,7 +332,7 @@ class _Counter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.mm = self.conv = self.memory = self.index = 0
+        self.mm = self.conv = self.gconv = self.memory = self.index = 0
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -344,7 +346,11 @@ class _Counter(TorchDispatchMode):
         if packet in flop_registry:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
             if "conv" in packet.__name__:
-                self.conv += flops
+                groups = _groups(packet.__name__, args)
+                if groups > 1:
+                    self.gconv += flops
+                else:
+                    self.conv += flops
             else:
                 self.mm += flops
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -355,6 +361,15 @@ class _Counter(TorchDispatchMode):
         read = sum(t.numel() for t in _tensors((args, kwargs)))
         self.memory += read + written
         return out
+
+
+def _groups(name: str, args) -> int:
+    """The ``groups`` argument of aten.convolution / convolution_backward (1 when absent)."""
+    index = {"convolution": 8, "convolution_backward": 9}.get(name)
+    try:
+        return int(args[index]) if index is not None else 1
+    except (IndexError, TypeError, ValueError):
+        return 1
 
 
 def _tensors(tree):
@@ -382,7 +397,8 @@ class PassCost:
         """``members`` members' and ``blocks`` blocks' flops and elements (``slowdown`` for
         float64), and the operations and the pass's own fixed cost once per block."""
         def work(c):
-            return c[0] / cal.mm_flops + c[1] / cal.conv_flops + c[2] / cal.memory + c[3] / cal.index
+            return (c[0] / cal.mm_flops + c[1] / cal.conv_flops + c[2] / cal.gconv_flops + c[3] / cal.memory
+                    + c[4] / cal.index)
         return ((members * work(self.member) + blocks * work(self.block)) * slowdown
                 + blocks * (self.ops * cal.op_seconds + cal.pass_seconds))
 
@@ -399,7 +415,7 @@ def _count(module, shape: tuple, batch: int, train: bool, vectorise: bool, membe
             ens.gd_step(x, _targets(module, x), 0.0)
         else:
             ens.predict(x)
-    return c.mm, c.conv, c.memory, c.index, c.ops
+    return c.mm, c.conv, c.gconv, c.memory, c.index, c.ops
 
 
 def _targets(module, x: torch.Tensor) -> torch.Tensor:
@@ -412,7 +428,7 @@ class ModelProfile:
     """Counts of a forward (``fwd``) and a training step (``train``) through vmap (``vec``) or
     the plain forward (``one``), as polynomials: ``coef[kind, path][part][count]`` is
     ``[[a0, a1, a2], [b0, b1, b2]]`` for ``(a0 + a1 w + a2 w^2) + batch (b0 + b1 w + b2 w^2)``,
-    ``part`` ``member`` (per member) or ``block`` (per vmap block: counted with one and two
+    ``part`` ``member`` (per member) or ``block`` (per vmap block: counted with two and three
     members); operations are the largest count seen (they do not grow with width)."""
 
     coef: dict
@@ -438,12 +454,12 @@ def _quadratic(v1: float, v2: float, v3: float) -> list[float]:
     return [v1 - b - c2, b, c2]
 
 
-COUNTS = ("mm", "conv", "memory", "index")
+COUNTS = ("mm", "conv", "gconv", "memory", "index")
 
 
 @lru_cache(maxsize=None)
 def model_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfile:
-    """Count ``spec``'s passes at widths 1, 2, 3, batches 1, 2 and (vmap) 1, 2 members: a
+    """Count ``spec``'s passes at widths 1, 2, 3, batches 1, 2 and (vmap) 2, 3 members: a
     second or so per model."""
     keys = [(kind, path) for kind in ("fwd", "train") for path in ("vec", "one")]
     coef, ops, act, counts = {}, {}, [], {}
@@ -451,11 +467,18 @@ def model_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfi
         module = build_model(spec, w, input_shape, n_out)
         for kind, path in keys:
             for batch in (1, 2):
-                one = _count(module, input_shape, batch, kind == "train", path == "vec")
-                two = _count(module, input_shape, batch, kind == "train", True, 2) if path == "vec" else None
-                member = [two[i] - one[i] for i in range(4)] if two else list(one[:4])
-                block = [max(0, one[i] - member[i]) for i in range(4)]
-                counts[kind, path, w, batch] = (member, block, one[4])
+                k = len(COUNTS)
+                if path == "vec":  # c(m) = block + m member, from blocks of 2 and 3 members (vmap's
+                    # convolutions are grouped from 2 members on, so 1 member would count another kind)
+                    two = _count(module, input_shape, batch, kind == "train", True, 2)
+                    three = _count(module, input_shape, batch, kind == "train", True, 3)
+                    member = [three[i] - two[i] for i in range(k)]
+                    block = [max(0, two[i] - 2 * member[i]) for i in range(k)]
+                    ops_count = two[k]
+                else:
+                    one = _count(module, input_shape, batch, kind == "train", False)
+                    member, block, ops_count = list(one[:k]), [0] * k, one[k]
+                counts[kind, path, w, batch] = (member, block, ops_count)
         act.append(_activation_elements(module, input_shape, torch.float32, torch.device("cpu")))
     for key in keys:
         coef[key] = {}
