@@ -30,7 +30,7 @@ from test_config import CASES, GOOD, replace, write
 ROOT = Path(__file__).resolve().parent.parent
 
 # Rates of the order this 2-core machine measures (one thread), fixed for the tests.
-RATES = dict(mm_flops=1e11, conv_flops=1e11, memory=5e9, index=2e8, op_seconds=8e-6, pass_seconds=3e-4,
+RATES = dict(mm_flops=1e11, conv_flops=1e11, gconv_flops=1e11, memory=5e9, index=2e8, op_seconds=8e-6, pass_seconds=3e-4,
              worker_seconds=5.0, parallel_slowdown=1.0, part_bytes_per_row=85.0, write_seconds_per_row=2e-6, write_seconds_per_call=2e-3)
 
 
