@@ -92,8 +92,8 @@ def orbit_points(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
 # Source files whose code decides the analytic numbers: the kernel engine (every analysis
 # module but the comparison and reporting ones), the predictor, this module, and what they
 # read from study/ and workers/ (layer plans, group actions, filter bases).
-_NOT_THEORY = {"__init__.py", "empirical.py", "compare.py", "summary.py", "verdicts.py", "plots.py", "report.py",
-               "regression.py", "regression_report.py"}
+_NOT_THEORY = {"__init__.py", "empirical.py", "compare.py", "jackknife.py", "summary.py", "verdicts.py", "plots.py",
+               "report.py", "invariance.py", "regression.py", "regression_report.py"}
 _THEORY_DEPS = ["study/architecture.py", "study/groups.py", "study/spec.py", "study/sphere.py", "study/bases.py"]
 
 
