@@ -800,7 +800,7 @@ def run_study(name: str, out: Path) -> None:
     if proc.returncode != 0:
         raise SystemExit(f"eqntk run {STUDIES[name]} failed with exit code {proc.returncode}; see its output above")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux; the largest process so far
-    found = {key: re.search(pattern, log) for key, pattern in (
+    found = {key: re.search(pattern, log, re.M) for key, pattern in (
         ("training_seconds", r"^\d+ units: .* in ([\d.]+) s"), ("report_seconds", r"^report: .* \(([\d.]+) s\)$"))}
     record = dict(study=str(STUDIES[name]).removeprefix(f"{ROOT}/"), wall_seconds=round(wall, 1),
                   peak_rss_bytes=rss * 1024 if rss > rss_before else None, machine=machine(), load_average=before_load,
