@@ -355,7 +355,7 @@ def pooled_errors(agr: pd.DataFrame, by: list[str], steps: str = "after_init") -
         var_mean=("var_mean", "mean"),
         bias2_jk=("bias2_jk", "sum") if "bias2_jk" in a else ("err_ss", lambda x: np.nan),
     ).reset_index()
-    s["bias2_loo"] = _pool_loo(a, by, "bias2_loo") if len(s) else []
+    s["bias2_loo"] = _pool_loo(a, by, "bias2_loo")
     return _relative_errors(s)
 
 
@@ -476,8 +476,7 @@ def pooled_spread(spr: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         mu_ss=("mu_ss", "sum"),
         spread2_jk=("spread2_jk", "sum") if "spread2_jk" in s else ("dev_ss", lambda x: np.nan),
     ).reset_index()
-    s_loo = _pool_loo(spr[spr["step"] > 0], by, "spread2_loo")
-    s = s.assign(spread2_loo=s_loo) if len(s_loo) == len(s) else s
+    s["spread2_loo"] = _pool_loo(spr[spr["step"] > 0], by, "spread2_loo")
     return _spreads(s)
 
 
@@ -542,9 +541,8 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict], blocks: Optional[dict[tup
     """Gap between the ensemble means of each pair, per (width, lr, step, eval set); widths
     matched. With ``blocks``, the jackknife's ``gap2_jk``, ``gap2_loo_a`` and ``gap2_loo_b``."""
     keys = [k for k in POINT_KEYS if k != "model"]
-    blocks = blocks or {}
-    points = points.assign(block_row=points["block_row"] if "block_row" in points else -1)
-    cols = keys + ["mean", "se", "mu", "members", "draws", "block_row"]
+    with_blocks = bool(blocks) and "block_row" in points
+    cols = keys + ["mean", "se", "mu", "members", "draws"] + (["block_row"] if with_blocks else [])
     by_model = {m: g[cols] for m, g in with_draws(points).groupby("model", sort=False)}
     frames = []
     for pr in pairs:
@@ -578,7 +576,7 @@ def pair_gaps(points: pd.DataFrame, pairs: list[dict], blocks: Optional[dict[tup
             mu_diff_ss=("mu_diff2", _sum_or_nan),
             mu_ss=("mu_norm2", _sum_or_nan), median_abs_d=("abs_d", "median"), frac_abs_d_lt3=("d_lt3", "mean"),
         ).reset_index()
-        if blocks:
+        if with_blocks:
             _gap_jackknife(a, j, tmp.groupby(["width", "lr", "step", "eval_set"], sort=True).ngroup().to_numpy(),
                            blocks, pr["a"], pr["b"])
         a.insert(0, "kind", pr["kind"])

@@ -91,7 +91,7 @@ def _worst(answers: list[str]) -> str:
 def _subject_first(s: Summary, model: str, lr: float) -> tuple:
     """Order of a family's models in its verdict: the augmented ones (what the study is about)
     before the non-augmented controls, then the study's order; the first with the worst answer speaks."""
-    return (s.models.loc[model, "augmentation"] == "none" and s.arch(model) in ("mlp", "cnn", "sphere_mlp"),
+    return (s.models.loc[model, "augmentation"] == "none" and s.arch(model) not in EQUIVARIANT_ARCHS,
             s.model_order.index(model), lr)
 
 
