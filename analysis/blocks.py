@@ -11,6 +11,9 @@ The engine is any callable with the signature of ``analysis.kernels.kernel_fn``:
 ``engine(spec, input_shape, n_out) -> KernelFn`` with
 ``KernelFn(x1, x2=None, get=(...)) -> {name: [N1, N2]}``. It is shipped to the workers by
 pickling, so it must be importable there (a module-level function).
+
+With ``num_gpus`` each task asks Ray for that share of a GPU and computes its block there
+(``device="cuda"`` in the engine's call; Ray makes the GPU it grants the visible one).
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ def _engine_for(engine, spec, input_shape, n_out):
     return _ENGINES[key]
 
 
-def compute_block(engine, spec, input_shape, n_out, xa, xb, get) -> dict[str, np.ndarray]:
-    """One block ``K(xa, xb)``; ``xb is None`` asks for the symmetric block ``K(xa, xa)``."""
+def compute_block(engine, spec, input_shape, n_out, xa, xb, get, device=None) -> dict[str, np.ndarray]:
+    """One block ``K(xa, xb)``; ``xb is None`` asks for the symmetric block ``K(xa, xa)``.
+    ``device`` (when given) goes to the engine's call."""
     kf = _engine_for(engine, spec, input_shape, n_out)
-    out = kf(xa, xb, get=tuple(get))
+    out = kf(xa, xb, get=tuple(get), **({} if device is None else {"device": device}))
     return {name: np.asarray(out[name], dtype=np.float64) for name in get}
 
 
@@ -80,12 +84,15 @@ def blocked_kernel(
     use_ray: bool = True,
     address: Optional[str] = None,
     engine: Optional[Callable] = None,
+    num_gpus: float = 0,
 ) -> dict[str, np.ndarray]:
     """``{name: K(x1, x2)}`` (``[N1, N2]``, float64) assembled from blocks.
 
     ``x2 is None`` computes the symmetric ``K(x1, x1)`` from its upper blocks only.
     ``use_ray=False`` runs the same blocks one after another in this process.
+    ``num_gpus``: the share of a GPU each Ray task asks for and computes on (0: the CPU).
     """
+    device = "cuda" if num_gpus > 0 else None
     get = tuple(get)
     x1 = np.asarray(x1, dtype=np.float64)
     sym = x2 is None
@@ -109,17 +116,20 @@ def blocked_kernel(
         a_blocks = [x1[r0:r1] for r0, r1 in rows]
         b_blocks = [x2a[c0:c1] for c0, c1 in cols]
         for i, j in pairs:
-            place(i, j, compute_block(engine, spec, tuple(input_shape), n_out, *args(i, j, a_blocks, b_blocks), get))
+            place(i, j, compute_block(engine, spec, tuple(input_shape), n_out, *args(i, j, a_blocks, b_blocks), get,
+                                      device))
         return out
 
 
     ensure_ray(address)
-    remote = ray.remote(num_cpus=1)(compute_block)
+    if num_gpus > 0 and not ray.cluster_resources().get("GPU"):
+        num_gpus, device = 0, None  # a task asking for a GPU the cluster lacks would wait forever
+    remote = ray.remote(num_cpus=1, num_gpus=num_gpus)(compute_block)
     # Each input block goes to the object store once, however many tasks read it.
     a_refs = [ray.put(x1[r0:r1]) for r0, r1 in rows]
     b_refs = a_refs if sym else [ray.put(x2a[c0:c1]) for c0, c1 in cols]
     pending = {
-        remote.remote(engine, spec, tuple(input_shape), n_out, *args(i, j, a_refs, b_refs), get): (i, j)
+        remote.remote(engine, spec, tuple(input_shape), n_out, *args(i, j, a_refs, b_refs), get, device): (i, j)
         for i, j in pairs
     }
     while pending:  # assemble blocks as they finish, so the driver holds few at once

@@ -71,15 +71,16 @@ def _relu(k12, v1, v2, theta):
     # cos t = k12 / sqrt(v1 v2); with pm = pi - t = acos(-cos):
     #   psi = sqrt(v1 v2) / (2 pi) * (sin t + (pi - t) cos t),  dpsi = (pi - t) / (2 pi)
     neg_scale = (_inv_sqrt(v1) * (-(1.0 + _SNAP))) * _inv_sqrt(v2)
-    ncos = torch.mul(k12, neg_scale, out=scratch.empty(k12.shape)).clamp_(-1.0, 1.0)  # -cos t
-    pm = torch.acos(ncos, out=scratch.empty(k12.shape))
-    psi = torch.sin(pm, out=scratch.empty(k12.shape)).addcmul_(ncos, pm, value=-1.0)  # sin t + (pi - t) cos t
+    ncos = torch.mul(k12, neg_scale, out=scratch.empty(k12.shape, k12.device)).clamp_(-1.0, 1.0)  # -cos t
+    pm = torch.acos(ncos, out=scratch.empty(k12.shape, k12.device))
+    psi = torch.sin(pm, out=scratch.empty(k12.shape, k12.device)).addcmul_(ncos, pm, value=-1.0)  # sin t + (pi - t) cos t
     scratch.recycle(ncos)
     psi_scale = (v1.sqrt() / (2 * math.pi)) * v2.sqrt()
     if theta is None:
         return Factors(psi, psi_scale, None, None)
-    if bool((v1 > 0).all()) and bool((v2 > 0).all()):
-        return Factors(psi, psi_scale, pm.mul_(theta), 1.0 / (2 * math.pi))
+    # Units of zero variance contribute nothing; one broadcast factor covers both cases
+    # without reading values back (which would stall a GPU) and equals 1/(2 pi) exactly
+    # where both variances are positive.
     alive = ((v1 > 0).to(k12.dtype) / (2 * math.pi)) * (v2 > 0).to(k12.dtype)
     return Factors(psi, psi_scale, pm.mul_(theta), alive)
 
@@ -88,8 +89,8 @@ def _erf(k12, v1, v2, theta):
     # With c = 2 k12 / sqrt(Q), Q = (1 + 2 v1)(1 + 2 v2):
     #   psi = (2/pi) asin(c),  dpsi = (4/pi) / sqrt(Q - 4 k12^2) = (2/pi) (2/sqrt(Q)) / sqrt(1 - c^2)
     r = (2.0 / torch.sqrt(1 + 2 * v1)) / torch.sqrt(1 + 2 * v2)
-    c = torch.mul(k12, r, out=scratch.empty(k12.shape)).clamp_(-1.0, 1.0)
-    psi = torch.asin(c, out=scratch.empty(k12.shape))
+    c = torch.mul(k12, r, out=scratch.empty(k12.shape, k12.device)).clamp_(-1.0, 1.0)
+    psi = torch.asin(c, out=scratch.empty(k12.shape, k12.device))
     if theta is None:
         scratch.recycle(c)
         return Factors(psi, 2 / math.pi, None, None)

@@ -9,6 +9,7 @@ pixel map ``R_g`` as ``study.groups.Group`` acts on images.
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from itertools import product
 
@@ -133,7 +134,7 @@ def diagonal_shift_sum(x: torch.Tensor, k: int, padding: str, ap: int, aq: int |
         n_q = out_size(x.shape[aq], k, padding)
         shape[aq] = n_q
     if out is None:
-        out = scratch.empty(shape)
+        out = scratch.empty(shape, x.device)
     for i, d in enumerate([0] + [d for d in range(-lo, hi + 1) if d]):
         runs_p = _segments(x.shape[ap], n_p, d, padding, lo)
         runs_q = _segments(x.shape[aq], n_q, sign * d, padding, qlo) if aq is not None else [None]
@@ -169,7 +170,7 @@ def tap_weighted_shift_sum(x: torch.Tensor, weights: np.ndarray, padding: str, r
     shape = list(x.shape)
     for a in row_axes + col_axes:
         shape[a] = out_size(x.shape[a], k, padding)
-    out = scratch.empty(shape).zero_()
+    out = scratch.empty(shape, x.device).zero_()
     for a, b in product(range(k), range(k)):
         w = float(weights[a, b])
         if w == 0.0:
@@ -223,6 +224,12 @@ class TorusCorrelation:
         self.n_freq = int(np.prod(spectrum.shape[2:]))
         self.freq_shape = spectrum.shape[2:]
         self.spectrum = spectrum.conj().reshape(n_out, n_in, self.n_freq).permute(2, 0, 1).contiguous()
+
+    def to(self, device: torch.device) -> "TorusCorrelation":
+        """The same correlation with its spectrum on ``device``."""
+        moved = copy.copy(self)
+        moved.spectrum = self.spectrum.to(device)
+        return moved
 
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
         batch = m.shape[:-5]

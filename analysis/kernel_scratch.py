@@ -7,7 +7,8 @@ back to the OS when they are freed, and the first touch of every page faults: me
 per-thread free list and are handed out again.
 
 Only a tensor whose storage nothing else references may be recycled; ``recycle`` is called
-by the engine for dead states and by rules for their own temporaries.
+by the engine for dead states and by rules for their own temporaries. Buffers are kept per
+device: a GPU buffer is only handed out again for the same GPU.
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ def _state():
     return _local
 
 
-def empty(shape) -> torch.Tensor:
-    """An uninitialised float64 tensor of ``shape`` (contiguous), recycled when possible."""
+def empty(shape, device: torch.device) -> torch.Tensor:
+    """An uninitialised float64 tensor of ``shape`` (contiguous) on ``device``, recycled when possible."""
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     st = _state()
-    bucket = st.free.get(n)
+    bucket = st.free.get((torch.device(device), n))
     if bucket:
         base = bucket.pop()
         st.bytes -= 8 * n
         st.ptrs.discard(base.data_ptr())
         return base.view(shape)
-    return torch.empty(shape, dtype=torch.float64)
+    return torch.empty(shape, dtype=torch.float64, device=device)
 
 
 def recycle(*tensors) -> None:
@@ -55,7 +56,7 @@ def recycle(*tensors) -> None:
             continue  # a view of part of something larger
         if base.data_ptr() in st.ptrs or st.bytes + 8 * base.numel() > _MAX_BYTES:
             continue  # already free (a tensor can be handed back under two names)
-        st.free.setdefault(base.numel(), []).append(base)
+        st.free.setdefault((base.device, base.numel()), []).append(base)
         st.ptrs.add(base.data_ptr())
         st.bytes += 8 * base.numel()
 

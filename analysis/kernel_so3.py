@@ -228,7 +228,7 @@ def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None)
     sw2, sb2, sr2 = spec.sigma_w**2, spec.sigma_b**2, spec.readout_sigma_w**2
     L0 = spec.bands[0]
     g = _pair_coefficients(s1, s2, L0, outer)
-    k = torch.matmul(g, ops.lift, out=scratch.empty((*g.shape[:-1], ops.w.shape[0]))).mul_(sw2 / spec.channels).add_(sb2)
+    k = torch.matmul(g, ops.lift, out=scratch.empty((*g.shape[:-1], ops.w.shape[0]), g.device)).mul_(sw2 / spec.channels).add_(sb2)
     k_e = (torch.einsum("icn,jcn->ij" if outer else "icn,icn->i", s1, s2)) * (sw2 / spec.channels) + sb2
     theta = k  # the lifting's NTK is its NNGP; neither is modified in place below
     record = []
@@ -249,9 +249,9 @@ def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None)
             L = spec.bands[layer + 1]
             cp, ct = (psi @ ops.anal[L]).mul_(sw2), (dth @ ops.anal[L]).mul_(sw2)
             scratch.recycle(psi, dth)
-            k = torch.matmul(cp, ops.synth[L], out=scratch.empty((*cp.shape[:-1], ops.w.shape[0]))).add_(sb2)
+            k = torch.matmul(cp, ops.synth[L], out=scratch.empty((*cp.shape[:-1], ops.w.shape[0]), cp.device)).add_(sb2)
             k_e = (cp @ ops.at_e[L]).add_(sb2)
-            theta = torch.matmul(ct, ops.synth[L], out=scratch.empty(k.shape)).add_(k)
+            theta = torch.matmul(ct, ops.synth[L], out=scratch.empty(k.shape, k.device)).add_(k)
         else:
             nngp = (psi @ ops.w).mul_(sr2).add_(sb2)
             ntk = (dth @ ops.w).mul_(sr2).add_(nngp)

@@ -120,10 +120,12 @@ def cached_kernels(
     block_size: int = 100,
     use_ray: bool = True,
     address: Optional[str] = None,
+    num_gpus: float = 0,
     log=print,
 ) -> dict:
     """``{"nngp_pool", "ntk_pool", "nngp_test", "ntk_test", "seconds", "cached"}`` for one spec,
-    from the cache when present, else computed in blocks and written there (atomically)."""
+    from the cache when present, else computed in blocks and written there (atomically).
+    ``num_gpus``: the share of a GPU each block's Ray task takes and computes on."""
     digest = inputs_digest(pool_x, test_x)
     key = kernel_key(spec, n_out, digest)
     hit = load_cached_kernels(cache_dir, key, len(pool_x), len(test_x), spec.name, log)
@@ -131,7 +133,8 @@ def cached_kernels(
         return hit
     shape = tuple(pool_x.shape[1:])
     t0 = time.perf_counter()
-    kw = dict(get=KERNEL_NAMES, block_size=block_size, use_ray=use_ray, address=address, engine=mean_engine)
+    kw = dict(get=KERNEL_NAMES, block_size=block_size, use_ray=use_ray, address=address, engine=mean_engine,
+              num_gpus=num_gpus)
     pool = blocked_kernel(spec, shape, n_out, pool_x, None, **kw)
     test = blocked_kernel(spec, shape, n_out, test_x, pool_x, **kw)
     seconds = time.perf_counter() - t0

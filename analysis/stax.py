@@ -14,6 +14,7 @@ in a first pass over the inputs alone.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -144,6 +145,23 @@ class Rule:
     def __call__(self, st: Pairs, want_ntk: bool, var1=None, var2=None) -> Pairs:
         raise NotImplementedError
 
+    def to(self, device: torch.device) -> "Rule":
+        """The same rule with its constant tensors (index maps, basis tensors, spectra) on ``device``."""
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            setattr(moved, name, _to_device(value, device))
+        return moved
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, TorusCorrelation):
+        return value.to(device)
+    return value
+
 
 class _Linear(Rule):
     """``K' = sw^2 A[K] + sb^2``, ``Theta' = K' + sw^2 A[Theta]`` for a linear operator ``A``.
@@ -170,7 +188,7 @@ class _Linear(Rule):
             if a_ntk is None:
                 ntk = nngp
             else:
-                ntk = torch.add(nngp, a_ntk, alpha=f, out=scratch.empty(nngp.shape))
+                ntk = torch.add(nngp, a_ntk, alpha=f, out=scratch.empty(nngp.shape, nngp.device))
                 scratch.recycle(a_ntk)
         return Pairs(form, st.outer, nngp, ntk)
 
@@ -265,7 +283,7 @@ class GroupPoolRule(_Parameterless):
 def _group_mean(m: torch.Tensor) -> torch.Tensor:
     shape = list(m.shape)
     shape[-5] = 1
-    return torch.mean(m, dim=-5, keepdim=True, out=scratch.empty(shape))
+    return torch.mean(m, dim=-5, keepdim=True, out=scratch.empty(shape, m.device))
 
 
 class NonlinRule(Rule):
@@ -319,6 +337,7 @@ class ConvRule(_Linear):
         self.k, self.padding = layer.kernel_size, layer.padding
         self.uniform = layer.uniform
         self.v = layer.variances()
+        self.tap_weights = torch.from_numpy(self.v.reshape(1, 1, -1, 1, 1))
         self.scale = 1.0 / self.k**2 if self.uniform else 1.0 / float(self.v.sum())
         self.diag_only = diag_only
         if meta.form not in ("input", "right_invariant", "positions") or meta.G != 1:
@@ -339,7 +358,7 @@ class ConvRule(_Linear):
         n1, c, kk, h, w = p1.shape
         n2 = p2.shape[0]
         if not self.uniform:  # one side carries the tap weights: sum_t v_t x(p + d_t) x'(q + d_t)
-            p1 = p1 * torch.from_numpy(self.v.reshape(1, 1, kk, 1, 1))
+            p1 = p1 * self.tap_weights
         a = p1.reshape(n1, c * kk, h * w)
         b = p2.reshape(n2, c * kk, h * w)
         if self.diag_only:
@@ -400,9 +419,9 @@ class LiftRule(_Linear):
         a = p1.reshape(n1, c * kk, P).transpose(1, 2)  # [N1, P, K]
         b = p2r.permute(0, 2, 1, 3, 4).reshape(n2, G, c * kk, P)  # [N2, G, K, P]
         if st.outer:  # broadcast matmul writes [N1, N2, G, P, P] directly
-            m = torch.matmul(a[:, None, None], b[None], out=scratch.empty((n1, n2, G, P, P)))
+            m = torch.matmul(a[:, None, None], b[None], out=scratch.empty((n1, n2, G, P, P), a.device))
         else:
-            m = torch.matmul(a[:, None], b, out=scratch.empty((n1, G, P, P)))
+            m = torch.matmul(a[:, None], b, out=scratch.empty((n1, G, P, P), a.device))
         m = m.reshape(*m.shape[:-3], G, h, w, h, w)
         return self._finish(st, "right_invariant", m, None, want_ntk, scale=1.0 / (c * kk))
 
@@ -425,7 +444,7 @@ class GroupConvRule(_Linear):
         k, pad = self.k, self.padding
         b = m.shape[:-5]
         h_out, w_out = self.meta_out.H, self.meta_out.W
-        out = scratch.empty((*b, len(self.maps), h_out, w_out, h_out, w_out))
+        out = scratch.empty((*b, len(self.maps), h_out, w_out, h_out, w_out), m.device)
         for h, ((a0, s0), (a1, s1)) in enumerate(self.maps):
             x = m.select(-5, h)  # [.., H, W, H, W]; offsets: rows (-4, q axis -2 + a0), cols (-3, -2 + a1)
             x = diagonal_shift_sum(x, k, pad, -4, -2 + a0, s0)
@@ -462,7 +481,7 @@ def right_invariant(basis, group: Group) -> bool:
 def _to_full(m: torch.Tensor, group: Group) -> torch.Tensor:
     """Right-invariant ``[.., G, H, W, H, W]`` -> full ``[.., G, H, W, G, H, W]`` (``K(a, a') = K~(a' a^-1)``)."""
     G = group.order
-    rel = torch.from_numpy(group.mul[np.arange(G)[None, :], group.inverse[:, None]])  # [a, a'] -> a' a^-1
+    rel = torch.from_numpy(group.mul[np.arange(G)[None, :], group.inverse[:, None]]).to(m.device)  # [a, a'] -> a' a^-1
     full = m[..., rel, :, :, :, :]  # [.., a, a', H, W, H, W]
     return full.permute(*range(full.ndim - 6), -6, -4, -3, -5, -2, -1)
 

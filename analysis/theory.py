@@ -15,7 +15,9 @@ The prediction does not depend on the width, so it is computed once per (model, 
 cached as ``DIR/analysis/theory-<model>-<lr>.npz``. The cache key hashes the resolved spec,
 the lr, the logged steps, the data digest and the source of the kernel engine, the
 predictor and their inputs (``_code_digest``), so a changed study, data set or kernel code is
-recomputed and nothing else is. Uncached predictions run in parallel processes.
+recomputed and nothing else is. Uncached predictions run in parallel processes on a CPU, or
+one after another on a GPU when torch sees one and the study does not say ``device: cpu``
+(``theory_device``): the kernels are float64 there too, equal to the CPU's up to rounding.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -169,9 +172,18 @@ class _ReuseTrainKernel:
         return kf
 
 
-def _predict(spec, data, x_test, lr, steps, kernel_fn):
+def _predict(spec, data, x_test, lr, steps, kernel_fn, mean_kernel_fn):
     return predict_as_trained(spec, data.train_x, data.train_y, x_test, lr=lr, steps=steps,
-                              kernel_fn=_ReuseTrainKernel(kernel_fn))
+                              kernel_fn=_ReuseTrainKernel(kernel_fn), mean_kernel_fn=mean_kernel_fn)
+
+
+def theory_device(study_device: str) -> torch.device:
+    """Where the analytic kernels of a study are computed: the GPU when torch sees one, unless
+    the study says ``device: cpu``. A study that trained on GPUs (``device: cuda``) is still
+    analysed on a machine without one, on its CPU."""
+    if study_device != "cpu" and torch.cuda.is_available():
+        return kernels.resolve_device("cuda")
+    return torch.device("cpu")
 
 
 # Orbit invariance of an equivariant model's prediction is checked to this relative accuracy
@@ -179,8 +191,12 @@ def _predict(spec, data, x_test, lr, steps, kernel_fn):
 _INVARIANCE_RTOL = 1e-7
 
 
-def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn: Optional[Callable] = None) -> Theory:
+def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn: Optional[Callable] = None,
+                   device=None) -> Theory:
     """Analytic predictions for ``spec`` trained with ``lr`` on ``data`` (a ``StudyData``).
+
+    ``device``: where ``analysis.kernels`` computes the kernels (default: the CPU); a
+    ``kernel_fn`` given instead of that engine is used as it is, wherever it computes.
 
     A GCNN or group MLP pools over the group, so its output, its kernels and hence its
     analytic mean and variance are the same at every point of an orbit: it is evaluated at
@@ -194,19 +210,21 @@ def compute_theory(spec: ModelSpec, data, lr: float, steps: list[int], kernel_fn
         return th
     sets = data.all_sets()
     order = spec.group_obj.order
+    mean_kernel_fn = None if kernel_fn else partial(kernels.mean_kernel_fn, device=device)
+    kernel_fn = kernel_fn or partial(kernels.kernel_fn, device=device)
     t0 = time.perf_counter()
     try:
         pred = None
         if spec.equivariant and order > 1:
             base = np.concatenate(list(sets.values()))
             probes = np.concatenate([orbit_points(spec, x[:1]) for x in sets.values()])
-            p = _predict(spec, data, np.concatenate([base, probes]), lr, steps, kernel_fn)
+            p = _predict(spec, data, np.concatenate([base, probes]), lr, steps, kernel_fn, mean_kernel_fn)
             firsts = np.cumsum([0] + [len(x) for x in sets.values()])[:-1]
             if _invariant(p, len(base), firsts, order):
                 pred = _along_orbits(p, len(base), order)
         if pred is None:
             x_test = np.concatenate([orbit_points(spec, x) for x in sets.values()])
-            pred = _predict(spec, data, x_test, lr, steps, kernel_fn)
+            pred = _predict(spec, data, x_test, lr, steps, kernel_fn, mean_kernel_fn)
     except UnstableLearningRate as e:
         th.error = f"unstable learning rate: {e}"
     except Exception as e:  # a model the kernel engine cannot do must not stop the other models
@@ -300,19 +318,20 @@ def _worker_init(threads: int) -> None:
 
 def _compute_job(args) -> Theory:
     spec, data, lr, steps, kernel_fn = args
-    return compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn)
+    return compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn)  # CPU workers
 
 
 def study_theory(cfg: StudyConfig, steps: list[int], data_digest: str, load_data: Callable[[], StudyData],
                  cache_dir: Path, kernel_fn: Optional[Callable] = None, log=print,
-                 workers: Optional[int] = None) -> dict[tuple[str, float], Theory]:
+                 workers: Optional[int] = None, device=None) -> dict[tuple[str, float], Theory]:
     """``{(model, lr): Theory}`` for every model and lr of ``cfg`` at the logged ``steps``, from
     the cache in ``cache_dir`` when valid (keyed by ``data_digest``); ``load_data()`` gives the
     study's arrays when something must be computed.
 
     Predictions not in the cache are computed in ``workers`` processes (default: one per CPU,
     at most one per job); the kernel engine must then be picklable, otherwise they are
-    computed here one after another. A failure that depends on the study (an unstable lr)
+    computed here one after another. On a GPU (``device``, default ``theory_device(cfg.device)``)
+    they are computed here one after another, each on the whole GPU. A failure that depends on the study (an unstable lr)
     is cached like a result; any other failure is not, so a fixed kernel engine is retried.
     A model without an analytic counterpart (``no_counterpart``) is neither computed nor cached.
     """
@@ -333,8 +352,10 @@ def study_theory(cfg: StudyConfig, steps: list[int], data_digest: str, load_data
         return result
     data = load_data()
     todo.sort(key=lambda job: -_cost_guess(job[0]))
+    device = torch.device(device) if device is not None else theory_device(cfg.device)
+    on_gpu = kernel_fn is None and device.type != "cpu"
     cpus = os.cpu_count() or 1
-    workers = min(workers or cpus, len(todo))
+    workers = 1 if on_gpu else min(workers or cpus, len(todo))
     if workers > 1:
         try:
             pickle.dumps(kernel_fn)
@@ -345,12 +366,14 @@ def study_theory(cfg: StudyConfig, steps: list[int], data_digest: str, load_data
         if th.ok or th.error.startswith("unstable"):
             _save(cache_path(cache_dir, spec.name, lr), key, th)
         log(f"theory {spec.name} lr={lr:g}: " + (f"{th.seconds:.1f} s" if th.ok else th.error)
+            + (f" on {device}" if on_gpu and th.ok else "")
             + (f" ({th.note})" if th.note else ""))
         result[(spec.name, lr)] = th
 
     if workers <= 1:
         for spec, lr, key in todo:
-            finish(spec, lr, key, compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn))
+            finish(spec, lr, key, compute_theory(spec, data, lr, steps, kernel_fn=kernel_fn,
+                                                 device=device if on_gpu else None))
         return result
     # spawn: a fresh interpreter per worker, never a fork of a process that holds torch or Ray threads
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,

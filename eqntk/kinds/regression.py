@@ -95,7 +95,8 @@ def compute_kernels(out: Path, p: PreparedRegression, address: Optional[str], us
         } | descriptor_kernels(out, p.cfg, d)
     return {
         spec.name: cached_kernels(out / "kernels", spec, p.data.pool_x, p.data.test_x, p.data.n_out,
-                                  block_size=p.cfg.regression.block_size, use_ray=use_ray, address=address)
+                                  block_size=p.cfg.regression.block_size, use_ray=use_ray, address=address,
+                                  num_gpus=p.cfg.resources.num_gpus if use_ray else 0)
         for spec in p.cfg.model_specs
     }
 
