@@ -62,7 +62,10 @@ def ensemble_stats(table: pa.Table) -> pd.DataFrame:
     aggregated in Arrow. Sorted by ``POINT_KEYS``.
     """
     optional = [c for c in OPTIONAL if c in table.column_names]
-    agg = table.group_by(POINT_KEYS).aggregate([(c, "sum") for c in ["count", "sum", "sumsq"] + optional])
+    # one thread: Arrow's threaded aggregation adds a group's rows in an order that varies from
+    # run to run and with the table's chunks (last-bit differences); in one thread it adds them
+    # in row order, so the same rows (a compacted store's included) give the same bits
+    agg = table.group_by(POINT_KEYS, use_threads=False).aggregate([(c, "sum") for c in ["count", "sum", "sumsq"] + optional])
     df = agg.to_pandas()
     df["model"] = df["model"].astype(str)
     df["eval_set"] = df["eval_set"].astype(str)

@@ -6,6 +6,7 @@
     eqntk status DIR                how far the work has got
     eqntk analyze DIR               the tables
     eqntk report DIR                the tables, plots and DIR/report/index.html
+    eqntk compact DIR               merge the result store's part files into few (eqntk.compact)
 
 Each command goes to the kind of its study (``eqntk.kinds``): the ``kind`` of the study
 file, or the one a results directory's study.json records. Bad input exits with code 2 and
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from study.config import StudyError, builtin_study_path
 
-from . import plan
+from . import compact, plan
 from .kinds import RunOptions, kind_of_dir, kind_of_study
 
 
@@ -40,7 +41,7 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     study = Path(args.study) if args.study else builtin_study_path(quick=args.quick)
     options = RunOptions(out=Path(args.out) if args.out else None, address=args.address, resume=args.resume,
-                         analysis=not args.no_analysis, progress=not args.no_progress)
+                         analysis=not args.no_analysis, progress=not args.no_progress, compact=not args.no_compact)
     return kind_of_study(study).run(study, options)
 
 
@@ -59,6 +60,11 @@ def cmd_analyze(args) -> int:
 def cmd_report(args) -> int:
     _require_results(args.dir)
     kind_of_dir(Path(args.dir)).report(Path(args.dir))
+    return 0
+
+
+def cmd_compact(args) -> int:
+    compact.compact_dir(Path(args.dir))
     return 0
 
 
@@ -90,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="the small built-in study (smoke test, about 2 minutes)")
     r.add_argument("--no-analysis", action="store_true", help="only train; skip analysis and report")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-compact", action="store_true", help="leave one Parquet part per unit (no compaction at the end)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("status", help="units done, diverged, failed and pending")
     s.add_argument("dir")
@@ -101,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and an HTML report")
     p.add_argument("dir")
     p.set_defaults(fn=cmd_report)
+    c = sub.add_parser("compact", help="merge the part files of a results directory into few larger ones")
+    c.add_argument("dir")
+    c.set_defaults(fn=cmd_compact)
     return ap
 
 

@@ -113,7 +113,8 @@ def run_units(
     """Run every unit of ``units`` whose part is missing; return a summary."""
 
     start = time.time()
-    pending = [u for u in units if not store.is_done(u)]
+    done = store.finished_ids()  # one scan of the store, parts and compacted files
+    pending = [u for u in units if u.unit_id not in done]
     summary = RunSummary(total=len(units), skipped=len(units) - len(pending))
     if not pending:
         return summary

@@ -8,12 +8,20 @@ Layout (``DIR``)::
     versions.json     python, torch, escnn, ray, numpy, pyarrow versions of the driver
     units/<id>.json   one record per finished or failed unit (status, steps, node, timing)
     predictions/model=<name>/width=<w>/part-<unit id>.parquet
+    predictions/model=<name>/width=<w>/compact-<digest>.parquet   (eqntk.compact)
 
 ``predictions`` is a hive-partitioned Parquet dataset: ``pandas.read_parquet(DIR /
 "predictions")`` or ``pyarrow.dataset.dataset(..., partitioning="hive")`` reads it whole.
 A part appears only complete (written to a hidden temp file, then renamed), so a part file
 exists if and only if its unit finished; readers never see half a unit, and a rerun never
 duplicates one. docs/results.md documents the columns (``PART_SCHEMA`` below).
+
+Compaction (``eqntk.compact``) merges a partition's parts into compacted files whose footer
+lists the units they hold (``COMPACTED_KEY``); it renames a compacted file into place before
+deleting the parts it covers. So a unit is stored when its part exists or a compacted file
+lists it, and a part whose unit a compacted file lists is a leftover that readers skip
+(``read_predictions``, ``ResultStore.finished_ids``): whatever step a compaction was killed
+at, every finished unit is read exactly once.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import json
 import os
 import platform
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -86,6 +96,106 @@ def part_schema(store_members: bool) -> pa.Schema:
     if not store_members:
         return PART_SCHEMA
     return pa.schema(list(PART_SCHEMA) + [pa.field(n, t) for n, t in MEMBER_FIELDS])
+
+
+# ----- the layout of one partition (model, width): parts and compacted files --------------------
+PART_PREFIX, COMPACT_PREFIX, SUFFIX = "part-", "compact-", ".parquet"
+# A compacted file's footer key: JSON {"units": [unit ids in the file's row order], "parts": {unit
+# id: that part's own footer record}}. The list travels in the same file as the rows, so the
+# rename that publishes the rows also publishes which units they are.
+COMPACTED_KEY = b"eqntk_compacted"
+_compacted_cache: dict[tuple, tuple[str, ...]] = {}
+
+
+def part_unit_id(name: str) -> Optional[str]:
+    """The unit id in a part file's name; None for any other name."""
+    if name.startswith(PART_PREFIX) and name.endswith(SUFFIX):
+        return name[len(PART_PREFIX):-len(SUFFIX)]
+    return None
+
+
+def compacted_units(path: Path) -> tuple[str, ...]:
+    """The unit ids a compacted file holds, in its row order (read from its footer once per
+    version of the file)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    units = _compacted_cache.get(key)
+    if units is None:
+        try:
+            units = tuple(json.loads((pq.read_metadata(path).metadata or {})[COMPACTED_KEY])["units"])
+        except FileNotFoundError:
+            raise
+        except Exception:
+            raise StudyError(
+                f"{path} is truncated or corrupt; delete it and run `eqntk run --out {path.parents[3]}` again to "
+                f"regenerate the units it held"
+            ) from None
+        _compacted_cache[key] = units
+    return units
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The files of one ``model=<m>/width=<w>`` directory."""
+
+    path: Path
+    compacted: dict[Path, tuple[str, ...]]  # compacted file -> its units (files in name order)
+    parts: dict[str, Path]  # unit id -> part file, every part (name order)
+
+    @property
+    def covered(self) -> set[str]:
+        return {u for units in self.compacted.values() for u in units}
+
+    @property
+    def live_parts(self) -> dict[str, Path]:
+        """Parts no compacted file holds: the ones to read."""
+        covered = self.covered
+        return {u: p for u, p in self.parts.items() if u not in covered}
+
+    @property
+    def stale_parts(self) -> dict[str, Path]:
+        """Parts a compacted file also holds: left by a compaction killed before it deleted them."""
+        covered = self.covered
+        return {u: p for u, p in self.parts.items() if u in covered}
+
+    @property
+    def files(self) -> list[Path]:
+        """What to read, each unit once: the compacted files, then the live parts."""
+        return list(self.compacted) + list(self.live_parts.values())
+
+    @property
+    def unit_ordered(self) -> bool:
+        """Whether reading ``files`` in order gives the rows in unit id order, as the parts alone
+        do: true unless a compacted file has company (another one, or live parts)."""
+        return len(self.compacted) + bool(self.live_parts) <= 1
+
+
+def scan_partition(d: Path) -> Partition:
+    compacted, parts = {}, {}
+    names = sorted(e.name for e in os.scandir(d) if e.is_file())
+    for name in names:
+        uid = part_unit_id(name)
+        if uid is not None:
+            parts[uid] = d / name
+        elif name.startswith(COMPACT_PREFIX) and name.endswith(SUFFIX):
+            compacted[d / name] = compacted_units(d / name)
+    seen: dict[str, Path] = {}
+    for f, units in compacted.items():
+        for u in units:
+            if u in seen:  # never made by eqntk.compact, which compacts only parts no file holds
+                raise StudyError(f"{d}: unit {u} is held by both {seen[u].name} and {f.name}; delete {f} and run "
+                                 f"`eqntk compact {d.parents[2]}`")
+            seen[u] = f
+    return Partition(d, compacted, parts)
+
+
+def scan_partitions(base: Path) -> list[Partition]:
+    """Every partition under ``base`` (DIR/predictions), in the order a dataset reads them (path
+    order of their files)."""
+    if not base.is_dir():
+        return []
+    dirs = [d for d in base.glob("model=*/width=*") if d.is_dir()]
+    return [scan_partition(d) for d in sorted(dirs, key=lambda d: str(d) + "/")]
 
 
 class PartWriter:
@@ -246,8 +356,9 @@ class ResultStore:
     def exists(self) -> bool:
         return (self.root / "study.json").is_file()
 
-    def lock(self) -> None:
-        """Hold an exclusive lock on the directory for this process's lifetime.
+    def lock(self, what: str = "--out") -> None:
+        """Hold an exclusive lock on the directory for this process's lifetime (``what``: the
+        argument that named it, for the error).
 
         The kernel drops it when the process dies (even by SIGKILL), so a crashed driver
         never blocks the rerun that resumes it.
@@ -260,8 +371,9 @@ class ResultStore:
             f.seek(0)
             who = f.read().strip() or "another process"
             f.close()
+            other = " or choose another --out" if what == "--out" else ""
             raise StudyError(
-                f"--out: {self.root} is in use by another eqntk run ({who}); wait for it to finish or choose another --out"
+                f"{what}: {self.root} is in use by another eqntk run ({who}); wait for it to finish{other}"
             ) from None
         f.seek(0)
         f.truncate()
@@ -291,7 +403,19 @@ class ResultStore:
 
     # ----- units -----------------------------------------------------------------
     def is_done(self, unit: UnitSpec) -> bool:
-        return self.part_path(unit).is_file()
+        part = self.part_path(unit)
+        return part.is_file() or (part.parent.is_dir() and unit.unit_id in scan_partition(part.parent).covered)
+
+    def partitions(self) -> list[Partition]:
+        return scan_partitions(self.predictions)
+
+    def finished_ids(self) -> set[str]:
+        """The ids of every unit whose rows are stored (a part, or a compacted file listing it):
+        one scan of the store, for many units at once."""
+        done = set()
+        for p in self.partitions():
+            done |= set(p.parts) | p.covered
+        return done
 
     def commit(self, unit: UnitSpec, part: bytes, record: dict) -> None:
         atomic_write(self.part_path(unit), part)
@@ -305,11 +429,12 @@ class ResultStore:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def unit_states(self, units: Iterable[UnitSpec]) -> dict[str, str]:
-        """``unit_id -> done | diverged | failed | pending`` (the part file decides done)."""
+        """``unit_id -> done | diverged | failed | pending`` (stored rows decide done)."""
         states = {}
+        finished = self.finished_ids()
         for u in units:
             rec = self.record(u.unit_id) or {}
-            if self.is_done(u):
+            if u.unit_id in finished:
                 states[u.unit_id] = "diverged" if rec.get("status") == "diverged" else "done"
             elif rec.get("status") == "failed":
                 states[u.unit_id] = "failed"
@@ -338,32 +463,73 @@ def versions() -> dict:
 
 def read_predictions(root: os.PathLike | str, columns: Optional[list[str]] = None, filter=None,
                      optional: Iterable[str] = ()):
-    """The whole predictions dataset as a pyarrow Table (hive partitions as columns).
+    """The whole predictions dataset as a pyarrow Table (hive partitions as columns), each
+    finished unit's rows once whether its part or a compacted file holds them (the module
+    docstring), in the same order either way: partitions in path order, units in id order.
 
-    ``optional`` columns are added to ``columns`` when every part has them (parts written by
-    an older eqntk may lack a newer column). A corrupt part raises StudyError naming the file
-    and how to regenerate it.
+    ``optional`` columns are added to ``columns`` when every file has them (parts written by
+    an older eqntk may lack a newer column). A corrupt file raises StudyError naming it and
+    how to regenerate it. A file deleted while being read (a compaction finishing) makes it
+    list the files again.
     """
     root = Path(root)
     base = root / "predictions"
     if not base.is_dir():
         raise StudyError(f"{root}: no predictions found; run `eqntk run --out {root}` first")
-    parts = sorted(base.rglob("part-*.parquet"))
-    optional = set(optional)
-    for p in parts:
+    for _ in range(5):
+        partitions = scan_partitions(base)
+        try:
+            return _read_files(root, base, partitions, columns, filter, set(optional))
+        except _Vanished:
+            continue
+    raise StudyError(f"{base}: files kept vanishing while being read (a compaction running?); read it again")
+
+
+class _Vanished(Exception):
+    """A file listed for reading was gone when read."""
+
+
+def _read_files(root: Path, base: Path, partitions: list[Partition], columns, filter, optional: set) -> pa.Table:
+    files = [f for p in partitions for f in p.files]
+
+    def failed(e: Exception, what: str) -> Exception:
+        if any(not f.exists() for f in files):
+            return _Vanished()
+        return StudyError(what)
+
+    for p in files:
         try:
             optional &= set(pq.read_schema(p).names)
-        except Exception:
-            raise StudyError(
-                f"{p} is truncated or corrupt; delete it and run `eqntk run --out {root}` again to regenerate that unit"
-            ) from None
-    dataset = ds.dataset(base, format="parquet", partitioning="hive")
-    if columns is not None and optional and parts:
+        except Exception as e:
+            raise failed(e, f"{p} is truncated or corrupt; delete it and run `eqntk run --out {root}` again to "
+                            f"regenerate {'that unit' if part_unit_id(p.name) else 'the units it held'}") from None
+    if columns is not None and optional and files:
         columns = list(columns) + sorted(optional)
     try:
-        return dataset.to_table(columns=columns, filter=filter)
+        if not files:
+            return ds.dataset(base, format="parquet", partitioning="hive").to_table(columns=columns, filter=filter)
+        dataset = ds.dataset([str(f) for f in files], format="parquet", partitioning="hive", partition_base_dir=str(base))
+        if all(p.unit_ordered for p in partitions):
+            return dataset.to_table(columns=columns, filter=filter)
+        # Some partition mixes compacted files with other files: read partition by partition and
+        # put that one's rows in unit id order (a stable sort keeps each unit's own row order),
+        # so that every sum over units adds in the same order as before compaction.
+        keep = columns is None or "unit_id" in columns
+        cols = columns if keep else list(columns) + ["unit_id"]
+        fragments = iter(dataset.get_fragments())
+        tables = []
+        for p in partitions:
+            group = [next(fragments) for _ in p.files]
+            if not group:
+                continue
+            t = ds.FileSystemDataset(group, dataset.schema, dataset.format, dataset.filesystem).to_table(
+                columns=cols, filter=filter)
+            if not p.unit_ordered:
+                t = t.take(pc.sort_indices(t, [("unit_id", "ascending")]))
+            tables.append(t if keep else t.drop_columns(["unit_id"]))
+        return pa.concat_tables(tables)
     except (OSError, pa.ArrowInvalid) as e:
-        raise StudyError(f"{base}: a part could not be read ({e}); delete it and rerun `eqntk run --out {root}`") from None
+        raise failed(e, f"{base}: a part could not be read ({e}); delete it and rerun `eqntk run --out {root}`") from None
 
 
 def part_bytes_metadata(part: bytes) -> dict:

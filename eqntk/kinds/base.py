@@ -25,6 +25,7 @@ class RunOptions:
     resume: bool = False  # reuse a directory that already holds this finished study
     analysis: bool = True  # analyse and report after the run
     progress: bool = True  # a progress bar
+    compact: bool = True  # compact the result store's parts at the end (eqntk.compact)
 
 
 class StudyKind(ABC):

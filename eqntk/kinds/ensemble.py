@@ -23,6 +23,7 @@ from study.grid import expand
 from workers.footprint import machine_bytes, members_fitting, unit_bytes
 
 from .. import pipeline
+from ..compact import auto_compact
 from ..runner import run_units
 from ..store import ResultStore
 from .base import RunOptions, StudyKind
@@ -151,6 +152,8 @@ class EnsembleKind(StudyKind):
             )
             for line in summary.lines():
                 print(line)
+            if options.compact:  # under the lock: no other run commits parts meanwhile
+                auto_compact(store)
             print(f"results: {out}")
         finally:
             store.unlock()
