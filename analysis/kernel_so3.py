@@ -3,7 +3,9 @@
 The finite model and this kernel read the same ``study.sphere.SO3Spec`` and the same SOFT
 grid and weights, so the kernel is that of the model as computed, aliasing included (no
 idealised continuous SO(3)). Pre-activation kernels are kept over pairs of grid points,
-``K[x, x', a, b]`` with ``P = 8 B^3`` points; float64 torch throughout.
+``K[x, x', a, b]`` with ``P = 8 B^3`` points; float64 torch throughout, on the device of the
+call (``device``: the CPU by default, or a GPU; the grids and Wigner matrices go there once
+per call, the spherical harmonic transforms of the inputs stay numpy on the CPU).
 
 Layer maps (docs/theory.md §2.3 and §7.1, with the layers of ``workers.so3``):
 
@@ -57,14 +59,19 @@ _BLOCK_BYTES = 64 * 2**20
 _PAIR_CHUNK_BYTES = 2 * 2**20
 
 
-def _t(a) -> torch.Tensor:
-    return torch.tensor(np.asarray(a), dtype=_F64)  # a copy: the grids are read-only
+# On a GPU the relative mode's tiles of pairs are this large instead ([pairs, P] float64):
+# cache-sized tiles leave a GPU idle, and its memory holds a handful of these easily.
+_DEVICE_PAIR_CHUNK_BYTES = 256 * 2**20
 
 
-def lift_coefficients(x, L_in: int, L: int) -> torch.Tensor:
+def _t(a, device=None) -> torch.Tensor:
+    return torch.tensor(np.asarray(a), dtype=_F64, device=device)  # a copy: the grids are read-only
+
+
+def lift_coefficients(x, L_in: int, L: int, device=None) -> torch.Tensor:
     """SH coefficients ``[N, C, L^2]`` of DH samples ``[N, C, 2L_in, 2L_in]``, exactly as ``SO3Lift``."""
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return _t(sht(x, dh_grid(L_in), L - 1))
+    return _t(sht(x, dh_grid(L_in), L - 1), device)
 
 
 def _lift_u(s: torch.Tensor, ds: List[torch.Tensor]) -> torch.Tensor:
@@ -86,10 +93,10 @@ def lift_kernel(spec: SO3Spec, x1, x2=None) -> torch.Tensor:
 class _GridOps:
     """The SOFT grid's weights and Wigner matrices as torch tensors, per degree."""
 
-    def __init__(self, B: int, l_max: int):
+    def __init__(self, B: int, l_max: int, device=None):
         grid = so3_grid(B)
-        self.w = _t(grid.weights)
-        self.d = [_t(d) for d in grid.wigner(l_max)]  # [P, k, k]
+        self.w = _t(grid.weights, device)
+        self.d = [_t(d, device) for d in grid.wigner(l_max)]  # [P, k, k]
         self.dflat = [d.reshape(d.shape[0], -1) for d in self.d]  # [P, k^2]
         self.wd = [self.w[:, None, None] * d for d in self.d]
 
@@ -152,7 +159,7 @@ def _so3_run(spec: SO3Spec, ops: _GridOps, u1, u2, outer: bool, vars1=None, vars
     return nngp, ntk, record
 
 
-def so3_kernel_fn(spec: SO3Spec, x1, x2=None, mode: str = "grid") -> Tuple[torch.Tensor, torch.Tensor]:
+def so3_kernel_fn(spec: SO3Spec, x1, x2=None, mode: str = "grid", device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """NNGP and NTK ``[N1, N2]`` (float64) of ``build_so3_model(spec, width)`` as width -> infinity.
 
     ``x1``, ``x2``: DH samples ``[N, C, 2L_in, 2L_in]`` (``x2 = None``: ``x1`` with itself).
@@ -164,16 +171,19 @@ def so3_kernel_fn(spec: SO3Spec, x1, x2=None, mode: str = "grid") -> Tuple[torch
     projection of ``Psi(g)`` onto degrees ``< L`` by one SOFT quadrature. ``P`` times cheaper;
     it differs from the grid-mode kernel by aliasing of the same order as the finite
     model's invariance error (measured in tests/test_so3_kernels.py).
+
+    ``device``: where the kernels are computed (a torch device; default the CPU); the
+    results are tensors there.
     """
     if mode == "relative":
-        return _so3_relative(spec, x1, x2)
+        return _so3_relative(spec, x1, x2, device)
     if mode != "grid":
         raise ValueError(f"mode: unknown {mode!r}; use grid or relative")
-    ops = _GridOps(spec.B, max(spec.bands) - 1)
+    ops = _GridOps(spec.B, max(spec.bands) - 1, device)
     L0 = spec.bands[0]
     ds = ops.d[:L0]
-    u1 = _lift_u(lift_coefficients(x1, spec.L_in, L0), ds)
-    u2 = u1 if x2 is None else _lift_u(lift_coefficients(x2, spec.L_in, L0), ds)
+    u1 = _lift_u(lift_coefficients(x1, spec.L_in, L0, device), ds)
+    u2 = u1 if x2 is None else _lift_u(lift_coefficients(x2, spec.L_in, L0, device), ds)
     _, _, var1 = _so3_run(spec, ops, u1, u1, outer=False)
     var2 = var1 if x2 is None else _so3_run(spec, ops, u2, u2, outer=False)[2]
     P = ops.w.shape[0]
@@ -196,17 +206,18 @@ def _in_row_blocks(run, n_rows: int, rows: int) -> Tuple[torch.Tensor, torch.Ten
 class _RelOps:
     """Synthesis ``[F, P]``, analysis ``[P, F]`` and the value at the identity ``[F]`` per band limit."""
 
-    def __init__(self, B: int, bands):
+    def __init__(self, B: int, bands, device=None):
         grid = so3_grid(B)
-        self.w = _t(grid.weights)
-        self.d = [_t(d) for d in grid.wigner(max(bands) - 1)]
-        self.synth = {L: _t(so3_synthesis(grid, L)) for L in set(bands)}
-        self.anal = {L: _t(so3_analysis(grid, L)) for L in set(bands)}
-        self.at_e = {L: torch.cat([math.sqrt(2 * l + 1) * torch.eye(2 * l + 1, dtype=_F64).reshape(-1)
+        self.w = _t(grid.weights, device)
+        self.d = [_t(d, device) for d in grid.wigner(max(bands) - 1)]
+        self.synth = {L: _t(so3_synthesis(grid, L), device) for L in set(bands)}
+        self.anal = {L: _t(so3_analysis(grid, L), device) for L in set(bands)}
+        self.at_e = {L: torch.cat([math.sqrt(2 * l + 1) * torch.eye(2 * l + 1, dtype=_F64, device=device).reshape(-1)
                                    for l in range(L)]) for L in set(bands)}
         # the lifting's synthesis: rows D^l_mn(R_a) without the sqrt(2l+1) of the orthonormal basis
         L0 = bands[0]
-        scale = torch.cat([torch.full(((2 * l + 1) ** 2,), 1 / math.sqrt(2 * l + 1), dtype=_F64) for l in range(L0)])
+        scale = torch.cat([torch.full(((2 * l + 1) ** 2,), 1 / math.sqrt(2 * l + 1), dtype=_F64, device=device)
+                           for l in range(L0)])
         self.lift = (self.synth[L0] * scale[:, None]).contiguous()
 
 
@@ -259,23 +270,24 @@ def _rel_run(spec: SO3Spec, ops: _RelOps, s1, s2, outer: bool, e1=None, e2=None)
     return nngp, ntk, record
 
 
-def _so3_relative(spec: SO3Spec, x1, x2=None):
+def _so3_relative(spec: SO3Spec, x1, x2=None, device=None):
     """Relative-mode NNGP and NTK. Per input once: SH coefficients and the values at the
     identity (the self pass). Per pair: the chain of dense matmuls and elementwise maps of
     ``_rel_run`` over square tiles of pairs with about ``_PAIR_CHUNK_BYTES`` per ``[pairs, P]``
     tensor (cache-sized: the elementwise passes are memory bound). ``x2 = None``: only the
     tiles on and above the diagonal, the rest by symmetry (the relative-mode kernel is
-    symmetric to round-off)."""
-    ops = _RelOps(spec.B, spec.bands)
+    symmetric to round-off). On a GPU the tiles are larger (``_DEVICE_PAIR_CHUNK_BYTES``)."""
+    ops = _RelOps(spec.B, spec.bands, device)
     L0 = spec.bands[0]
-    s1 = lift_coefficients(x1, spec.L_in, L0)
-    s2 = s1 if x2 is None else lift_coefficients(x2, spec.L_in, L0)
+    s1 = lift_coefficients(x1, spec.L_in, L0, device)
+    s2 = s1 if x2 is None else lift_coefficients(x2, spec.L_in, L0, device)
     e1 = _rel_run(spec, ops, s1, s1, outer=False)[2]
     e2 = e1 if x2 is None else _rel_run(spec, ops, s2, s2, outer=False)[2]
     n1, n2, P = s1.shape[0], s2.shape[0], ops.w.shape[0]
     sym = x2 is None
-    side = max(1, math.isqrt(max(1, _PAIR_CHUNK_BYTES // (8 * P))))
-    nngp, ntk = torch.empty((n1, n2), dtype=_F64), torch.empty((n1, n2), dtype=_F64)
+    chunk = _PAIR_CHUNK_BYTES if s1.device.type == "cpu" else _DEVICE_PAIR_CHUNK_BYTES
+    side = max(1, math.isqrt(max(1, chunk // (8 * P))))
+    nngp, ntk = (torch.empty((n1, n2), dtype=_F64, device=s1.device) for _ in range(2))
     for r in range(0, n1, side):
         for c in range(r if sym else 0, n2, side):
             i, j = slice(r, min(r + side, n1)), slice(c, min(c + side, n2))
@@ -337,12 +349,12 @@ def _so3_relative_reference(spec: SO3Spec, x1, x2=None):
 
 
 # ----- the sphere MLP -----------------------------------------------------------------------
-def sphere_inner_products(x1, x2, L_in: int) -> torch.Tensor:
+def sphere_inner_products(x1, x2, L_in: int, device=None) -> torch.Tensor:
     """``Sigma0[N1, N2] = (1/C) sum_c sum_x w_x x1_c(x) x2_c(x)`` (DH quadrature, normalised weights)."""
     g = dh_grid(L_in)
     a = np.asarray(x1.detach().cpu() if isinstance(x1, torch.Tensor) else x1, dtype=np.float64)
     b = np.asarray(x2.detach().cpu() if isinstance(x2, torch.Tensor) else x2, dtype=np.float64)
-    return _t(np.einsum("icjk,jk,dcjk->id", a, g.weights, b, optimize=True) / a.shape[1])
+    return _t(np.einsum("icjk,jk,dcjk->id", a, g.weights, b, optimize=True) / a.shape[1], device)
 
 
 def _self_psi(kind: str, v: torch.Tensor) -> torch.Tensor:
@@ -368,22 +380,23 @@ def _mlp_from_sigma0(spec: SphereMLPSpec, s12: torch.Tensor, v1: torch.Tensor, v
     return K, theta
 
 
-def sphere_mlp_kernel_fn(spec: SphereMLPSpec, x1, x2=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sphere_mlp_kernel_fn(spec: SphereMLPSpec, x1, x2=None, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """NNGP and NTK ``[N1, N2]`` of ``build_sphere_mlp(spec, width)`` as width -> infinity."""
     x2 = x1 if x2 is None else x2
-    s12 = sphere_inner_products(x1, x2, spec.L_in)
-    v1 = sphere_inner_products(x1, x1, spec.L_in).diagonal()[:, None]
-    v2 = sphere_inner_products(x2, x2, spec.L_in).diagonal()[None, :]
+    s12 = sphere_inner_products(x1, x2, spec.L_in, device)
+    v1 = sphere_inner_products(x1, x1, spec.L_in, device).diagonal()[:, None]
+    v2 = sphere_inner_products(x2, x2, spec.L_in, device).diagonal()[None, :]
     return _mlp_from_sigma0(spec, s12, v1, v2)
 
 
-def orbit_averaged_sphere_mlp_kernel(spec: SphereMLPSpec, x1, x2=None, B_q: int = 8
+def orbit_averaged_sphere_mlp_kernel(spec: SphereMLPSpec, x1, x2=None, B_q: int = 8, device=None
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``Theta_G(x, x') = sum_a w_a Theta(x, R_a x')`` over the SOFT grid of bandwidth ``B_q`` (and the NNGP alike).
 
     ``R x'`` is ``rotate_signal(x', R)`` (band limit ``< L_in``; exact for band-limited
     inputs), so ``Sigma0(x, R x') = (1/C) sum_c sum_l sht(x)_l . D^l(R) sht(x')_l`` exactly,
     and its variance is the norm of the projected ``x'``. Quadrature error: see docs/so3.md.
+    The rotated inner products are numpy on the CPU; the recursion runs on ``device``.
     """
     x2 = x1 if x2 is None else x2
     L = spec.L_in
@@ -397,8 +410,8 @@ def orbit_averaged_sphere_mlp_kernel(spec: SphereMLPSpec, x1, x2=None, B_q: int 
         sl = degree_slice(l)
         rc2 = np.einsum("amn,jcn->jcam", d, c2[..., sl], optimize=True)
         s12 += np.einsum("icm,jcam->ija", c1[..., sl], rc2, optimize=True) / C
-    v1 = sphere_inner_products(x1, x1, L).diagonal()[:, None, None]
-    v2 = _t((c2**2).sum(axis=(1, 2)) / C)[None, :, None]
-    nngp, ntk = _mlp_from_sigma0(spec, _t(s12), v1, v2)
-    w = _t(grid.weights)
+    v1 = sphere_inner_products(x1, x1, L, device).diagonal()[:, None, None]
+    v2 = _t((c2**2).sum(axis=(1, 2)) / C, device)[None, :, None]
+    nngp, ntk = _mlp_from_sigma0(spec, _t(s12, device), v1, v2)
+    w = _t(grid.weights, device)
     return nngp @ w, ntk @ w

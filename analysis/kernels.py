@@ -30,6 +30,7 @@ from study.architecture import layer_plan
 from study.groups import Group
 from study.spec import ModelSpec
 
+from . import devices
 from . import kernel_scratch as scratch
 from .kernel_so3_study import so3_study_kernel_fn
 from .stax import Pairs, build_rules, var_of
@@ -43,22 +44,6 @@ __all__ = ["KernelFn", "kernel_fn", "orbit_averaged", "mean_kernel_fn"]
 _BLOCK_BYTES = 8 * 2**20
 _DEVICE_BLOCK_BYTES = 512 * 2**20
 _MAX_DEVICE_SIDE = 8192  # inputs per side of a block on a GPU (512 on a CPU)
-
-
-def resolve_device(device) -> torch.device:
-    """``None``/``"cpu"`` -> the CPU; ``"auto"`` -> the current GPU when torch sees one; ``"cuda"`` ->
-    the current GPU (an error if there is none); any other torch device as given."""
-    if device is None:
-        return torch.device("cpu")
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was asked for but torch sees no GPU; use auto or cpu")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _as_tensor(x, input_shape, name, device: torch.device) -> torch.Tensor:
@@ -96,7 +81,7 @@ class KernelFn:
     # ----- block sizes --------------------------------------------------------------------
     def default_block_size(self, device=None) -> int:
         """Inputs per side of a block of pairs, from the memory budget of ``device`` (default CPU)."""
-        return self._block_side(resolve_device(device).type == "cpu")
+        return self._block_side(devices.resolve_device(device).type == "cpu")
 
     def _block_side(self, cpu: bool) -> int:
         pairs = max(1, (_BLOCK_BYTES if cpu else _DEVICE_BLOCK_BYTES) // (8 * self._per_pair))
@@ -165,11 +150,11 @@ class KernelFn:
         512 MB on a GPU). On a CPU blocks run on ``torch.get_num_threads()`` worker threads
         with one torch thread each (set for the duration of the call, then restored); on a
         GPU one after another. ``device`` (default: this kernel's, else the CPU): where the
-        kernels are computed, see ``resolve_device``; the results are numpy arrays either way.
+        kernels are computed, see ``analysis.devices.resolve_device``; the results are numpy arrays either way.
         """
         get = _get(get)
         want_ntk = "ntk" in get
-        device = resolve_device(self.device if device is None else device)
+        device = devices.resolve_device(self.device if device is None else device)
         cpu = device.type == "cpu"
         x1 = _as_tensor(x1, self.input_shape, "x1", device)
         sym = x2 is None
@@ -290,7 +275,7 @@ def kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *, ro
     """
     input_shape = tuple(int(s) for s in input_shape)
     if spec.so3:  # built whole, not from a layer plan (study.architecture)
-        return so3_study_kernel_fn(spec, input_shape, n_out)
+        return so3_study_kernel_fn(spec, input_shape, n_out, device=device)
     plan = layer_plan(spec, input_shape, n_out)
     rules = build_rules(plan, input_shape, spec.group_obj, route)
     return KernelFn(rules, input_shape, f"{spec.name}: {spec.arch}, route {route}", device)
@@ -345,7 +330,8 @@ def mean_kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, 
     (docs/theory.md §6), else the model's own kernel. A ``sphere_mlp`` with ``augmentation:
     random`` gets its SO(3) orbit average (``analysis.kernel_so3_study``; docs/so3.md)."""
     if spec.so3:
-        return so3_study_kernel_fn(spec, input_shape, n_out, orbit_average=spec.augmentation != "none")
+        return so3_study_kernel_fn(spec, input_shape, n_out, orbit_average=spec.augmentation != "none",
+                                   device=kwargs.get("device"))
     kf = kernel_fn(spec, input_shape, n_out, **kwargs)
     if spec.arch in ("mlp", "cnn") and spec.augmentation != "none":
         return orbit_averaged(kf, spec.group_obj)

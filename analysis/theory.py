@@ -42,7 +42,7 @@ from study.config import StudyConfig
 from study.data import StudyData
 from study.spec import ModelSpec
 
-from . import kernels
+from . import devices, kernels
 from .kernel_so3_study import ORBIT_B_Q, orbit_quadrature_error
 from .predict import Prediction, UnstableLearningRate, predict_as_trained
 
@@ -182,7 +182,7 @@ def theory_device(study_device: str) -> torch.device:
     the study says ``device: cpu``. A study that trained on GPUs (``device: cuda``) is still
     analysed on a machine without one, on its CPU."""
     if study_device != "cpu" and torch.cuda.is_available():
-        return kernels.resolve_device("cuda")
+        return devices.resolve_device("cuda")
     return torch.device("cpu")
 
 

@@ -14,9 +14,10 @@ Figures (each the best of a few timed calls after a warm-up, one CPU thread for 
    matrix product and the arc-cosine / erf kernel recursions (elementwise over input pairs);
    ``eqntk.cost.GPU_KERNEL_FACTOR`` assumes 20;
 4. the analytic kernel engine (``analysis.kernels``) itself, float64, on the device against
-   one CPU thread: the NTK and NNGP of the built-in study's GCNN (full support) and of its
-   augmented CNN (orbit-averaged), on the same inputs, with the largest relative difference
-   between the two devices' kernels (round-off: the same sums in another order).
+   one CPU thread: the NTK and NNGP of the built-in study's GCNN (full support), of its
+   augmented CNN (orbit-averaged) and of the QM9 study's SO(3) GCNN (relative mode, bands
+   [3, 3], B = 3), on the same inputs, with the largest relative difference between the two
+   devices' kernels (round-off: the same sums in another order).
 
 Without a GPU every figure is measured on the CPU (device = cpu) and a line says so, so the
 script runs anywhere.
@@ -135,9 +136,11 @@ def main(argv=None) -> int:
     engines = [("GCNN (full support)", ModelSpec(name="gcnn_full", arch="gcnn", depth=2, support="full",
                                                  nonlinearity="erf", sigma_w=3.0), 8 if a.quick else 128),
                ("augmented CNN (orbit-averaged)", ModelSpec(name="cnn_aug", arch="cnn", depth=2, nonlinearity="erf",
-                                                            sigma_w=3.0, augmentation="full_orbit"), 8 if a.quick else 128)]
+                                                            sigma_w=3.0, augmentation="full_orbit"), 8 if a.quick else 128),
+               ("SO(3) GCNN (relative mode)", ModelSpec(name="so3", arch="so3_gcnn", group="SO3", depth=2, bands=[3, 3],
+                                                        so3_grid=3, kernel_mode="relative"), 8 if a.quick else 1024)]
     for label, spec, inputs in engines:
-        x = np.random.default_rng(0).normal(size=(inputs, *SHAPE))
+        x = np.random.default_rng(0).normal(size=(inputs, *SHAPE))  # SO(3): one channel on an 8 x 8 sphere grid
         kf = mean_kernel_fn(spec, SHAPE, N_OUT)
         t_cpu = best(lambda: kf(x, device=cpu), cpu, repeats=1)
         if not gpu:

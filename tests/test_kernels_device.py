@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import analysis.kernels as kernels
-from analysis import kernel_ops, stax, theory
+from analysis import devices, kernel_ops, kernel_so3_study, stax, theory
 from analysis.blocks import compute_block
 from study.config import load_study
 from study.data import StudyData
@@ -35,18 +35,20 @@ SHAPE = (1, 8, 8)
 
 
 def _builtin_specs() -> list[ModelSpec]:
-    """Every distinct model (up to its name) of the built-in ensemble studies, SO(3) ones aside
-    (their kernels are not built from layer rules and compute on the CPU)."""
+    """Every distinct model (up to its name) of the built-in studies, with the SO(3) GCNN's
+    other kernel mode."""
     seen: dict[str, ModelSpec] = {}
     for path in sorted(glob.glob(str(ROOT / "study" / "builtin" / "*.yaml"))):
         study = load_study(path)
         for spec in getattr(study, "model_specs", []):
-            if not spec.so3:
-                seen.setdefault(spec.model_dump_json(exclude={"name"}), spec)
-    return list(seen.values())
+            seen.setdefault(spec.model_dump_json(exclude={"name"}), spec)
+    relative = ModelSpec(name="so3_relative", arch="so3_gcnn", depth=2, bands=[3, 2], so3_grid=3, kernel_mode="relative",
+                         group="SO3")
+    return list(seen.values()) + [relative]
 
 
 SPECS = _builtin_specs()
+# SHAPE: 8 x 8 images, and for SO(3) models one channel on the 8 x 8 Driscoll-Healy grid
 
 
 class SameDevice(TorchDispatchMode):
@@ -65,7 +67,8 @@ class SameDevice(TorchDispatchMode):
 def shapes_only(monkeypatch):
     """Results copied back from meta are zeros of the right shape (meta holds no values), and
     every operation runs under ``SameDevice``."""
-    monkeypatch.setattr(kernels, "_host", lambda t: np.zeros(tuple(t.shape)))
+    for module in (kernels, kernel_so3_study):
+        monkeypatch.setattr(module, "_host", lambda t: np.zeros(tuple(t.shape)))
     with SameDevice():
         yield
 
@@ -79,7 +82,8 @@ def _every_call(kf, x, device):
 
 def test_the_builtin_studies_have_models_of_every_kind():
     archs = {(s.arch, s.augmentation != "none", s.basis if s.arch == "gcnn" else "") for s in SPECS}
-    assert {"mlp", "cnn", "gcnn", "group_mlp"} <= {a for a, _, _ in archs}
+    assert {"mlp", "cnn", "gcnn", "group_mlp", "so3_gcnn", "sphere_mlp"} <= {a for a, _, _ in archs}
+    assert ("sphere_mlp", True, "") in archs  # the SO(3) orbit average
     assert ("mlp", True, "") in archs and ("cnn", True, "") in archs  # orbit-averaged kernels
     assert any(a == "gcnn" and b not in ("", "canonical") for a, _, b in archs)  # an escnn basis
 
@@ -140,13 +144,13 @@ def test_the_gpus_large_blocks_give_the_same_kernels():
 
 
 def test_resolve_device():
-    assert kernels.resolve_device(None) == torch.device("cpu")
-    assert kernels.resolve_device("cpu") == torch.device("cpu")
-    assert kernels.resolve_device("meta") == torch.device("meta")
+    assert devices.resolve_device(None) == torch.device("cpu")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device("meta") == torch.device("meta")
     if not torch.cuda.is_available():
-        assert kernels.resolve_device("auto") == torch.device("cpu")
+        assert devices.resolve_device("auto") == torch.device("cpu")
         with pytest.raises(RuntimeError, match="device: cuda .* use auto or cpu"):
-            kernels.resolve_device("cuda")
+            devices.resolve_device("cuda")
 
 
 def test_theory_device_follows_the_study_and_the_machine(monkeypatch):
@@ -164,7 +168,7 @@ def test_compute_theory_sends_every_kernel_call_to_its_device(monkeypatch):
     """The device reaches every kernel the prediction asks for (own, orbit-averaged, training
     and test kernels), and the numbers are those of the default CPU run."""
     asked = []
-    resolve = kernels.resolve_device
+    resolve = devices.resolve_device
 
     def recording(device):
         asked.append(str(device))
@@ -177,9 +181,9 @@ def test_compute_theory_sends_every_kernel_call_to_its_device(monkeypatch):
                  ModelSpec(name="gcnn", arch="gcnn", depth=2, support="full")):
         plain = theory.compute_theory(spec, data, 0.5, [0, 5, 20])
         asked.clear()
-        monkeypatch.setattr(kernels, "resolve_device", recording)
+        monkeypatch.setattr(devices, "resolve_device", recording)
         moved = theory.compute_theory(spec, data, 0.5, [0, 5, 20], device="stand-in")
-        monkeypatch.setattr(kernels, "resolve_device", resolve)
+        monkeypatch.setattr(devices, "resolve_device", resolve)
         assert plain.ok and moved.ok, (plain.error, moved.error)
         assert asked and set(asked) == {"stand-in"}, asked
         for name in plain.mean:
