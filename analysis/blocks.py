@@ -25,7 +25,7 @@ import ray
 
 from .kernels import kernel_fn
 
-__all__ = ["blocked_kernel", "blocked_kernel_fn", "ensure_ray", "block_ranges"]
+__all__ = ["blocked_kernel", "blocked_kernel_fn", "ensure_ray", "block_ranges", "gpu_share"]
 
 _ENGINES: dict = {}  # per process: (engine, spec json, shape, n_out) -> KernelFn
 
@@ -72,6 +72,14 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+def gpu_share(num_gpus: float, use_ray: bool) -> tuple[float, Optional[str]]:
+    """``(share of a GPU each task asks Ray for, device its engine computes on)``. On Ray, a
+    cluster without GPUs gets ``(0, None)``: a task asking for a GPU there would wait forever."""
+    if num_gpus <= 0 or (use_ray and not ray.cluster_resources().get("GPU")):
+        return 0.0, None
+    return num_gpus, "cuda"
+
+
 def blocked_kernel(
     spec,
     input_shape: Sequence[int],
@@ -90,9 +98,9 @@ def blocked_kernel(
 
     ``x2 is None`` computes the symmetric ``K(x1, x1)`` from its upper blocks only.
     ``use_ray=False`` runs the same blocks one after another in this process.
-    ``num_gpus``: the share of a GPU each Ray task asks for and computes on (0: the CPU).
+    ``num_gpus``: the share of a GPU each Ray task asks for and computes on (0: the CPU;
+    without Ray, any share means this process's GPU).
     """
-    device = "cuda" if num_gpus > 0 else None
     get = tuple(get)
     x1 = np.asarray(x1, dtype=np.float64)
     sym = x2 is None
@@ -113,6 +121,7 @@ def blocked_kernel(
         return a_blocks[i], (None if sym and i == j else b_blocks[j])
 
     if not use_ray:
+        _, device = gpu_share(num_gpus, use_ray=False)
         a_blocks = [x1[r0:r1] for r0, r1 in rows]
         b_blocks = [x2a[c0:c1] for c0, c1 in cols]
         for i, j in pairs:
@@ -122,8 +131,7 @@ def blocked_kernel(
 
 
     ensure_ray(address)
-    if num_gpus > 0 and not ray.cluster_resources().get("GPU"):
-        num_gpus, device = 0, None  # a task asking for a GPU the cluster lacks would wait forever
+    num_gpus, device = gpu_share(num_gpus, use_ray=True)
     remote = ray.remote(num_cpus=1, num_gpus=num_gpus)(compute_block)
     # Each input block goes to the object store once, however many tasks read it.
     a_refs = [ray.put(x1[r0:r1]) for r0, r1 in rows]

@@ -28,7 +28,7 @@ from scipy import sparse
 
 from study.atomic import atomic_savez
 
-from .blocks import compute_block, ensure_ray
+from .blocks import compute_block, ensure_ray, gpu_share
 
 __all__ = ["molecule_ranges", "molecule_block", "blocked_molecule_kernel"]
 
@@ -58,20 +58,20 @@ def _sum_over_molecules(k_atom: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarr
     return np.asarray(members(mask_b) @ (members(mask_a) @ k_atom).T).T
 
 
-def molecule_block(engine, spec, input_shape, n_out, xa, mask_a, xb, mask_b, get) -> dict[str, np.ndarray]:
+def molecule_block(engine, spec, input_shape, n_out, xa, mask_a, xb, mask_b, get, device=None) -> dict[str, np.ndarray]:
     """One molecule block: ``xa [n_a, A, ...]`` padded atoms with ``mask_a [n_a, A]`` against
     ``xb``/``mask_b``; ``xb is None``: the block of ``xa`` with itself (a symmetric atom kernel).
     Also ``cpu_seconds``: the process CPU time the block took (on a shared machine the wall
-    time also counts other people's jobs)."""
+    time also counts other people's jobs). ``device`` (when given) goes to the engine's call."""
     cpu0 = time.process_time()
     mask_a = np.asarray(mask_a, dtype=bool)
     atoms_a = np.asarray(xa)[mask_a]
     if xb is None:
-        k = compute_block(engine, spec, input_shape, n_out, atoms_a, None, get)
+        k = compute_block(engine, spec, input_shape, n_out, atoms_a, None, get, device)
         mask_b = mask_a
     else:
         mask_b = np.asarray(mask_b, dtype=bool)
-        k = compute_block(engine, spec, input_shape, n_out, atoms_a, np.asarray(xb)[mask_b], get)
+        k = compute_block(engine, spec, input_shape, n_out, atoms_a, np.asarray(xb)[mask_b], get, device)
     out = {name: _sum_over_molecules(k[name], mask_a, mask_b) for name in get}
     return out | {"cpu_seconds": np.float64(time.process_time() - cpu0)}
 
@@ -91,9 +91,12 @@ def blocked_molecule_kernel(
     block_dir: Optional[Path] = None,
     use_ray: bool = True,
     address: Optional[str] = None,
+    num_gpus: float = 0,
     log=print,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """``({f"{name}_pool": [P, P], f"{name}_test": [T, P]}, info)`` of the molecule kernel.
+    ``num_gpus``: the share of a GPU each block's task takes and computes on
+    (``analysis.blocks.gpu_share``).
 
     ``info``: blocks computed and loaded from ``block_dir``, the atom pairs computed (the
     pool's symmetric blocks count once) and the CPU seconds of the computed blocks."""
@@ -161,14 +164,16 @@ def blocked_molecule_kernel(
         return x[a:b], m[a:b]
 
     if todo and not use_ray:
+        _, device = gpu_share(num_gpus, use_ray=False)
         for task in todo:
             part, i, j = task
             xa, ma = inputs(part, i)
             xb, mb = (None, None) if (part == "pool" and i == j) else inputs("pool", j)
-            arrived(task, molecule_block(engine, spec, tuple(input_shape), n_out, xa, ma, xb, mb, get))
+            arrived(task, molecule_block(engine, spec, tuple(input_shape), n_out, xa, ma, xb, mb, get, device))
     elif todo:
         ensure_ray(address)
-        remote = ray.remote(num_cpus=1)(molecule_block)
+        num_gpus, device = gpu_share(num_gpus, use_ray=True)
+        remote = ray.remote(num_cpus=1, num_gpus=num_gpus)(molecule_block)
         refs = {("pool", i): [ray.put(a) for a in inputs("pool", i)] for i in range(len(prow))}
         refs |= {("test", i): [ray.put(a) for a in inputs("test", i)] for i in range(len(trow))}
         pending = {}
@@ -176,7 +181,7 @@ def blocked_molecule_kernel(
             part, i, j = task
             xa, ma = refs[(part, i)]
             xb, mb = (None, None) if (part == "pool" and i == j) else refs[("pool", j)]
-            pending[remote.remote(engine, spec, tuple(input_shape), n_out, xa, ma, xb, mb, get)] = task
+            pending[remote.remote(engine, spec, tuple(input_shape), n_out, xa, ma, xb, mb, get, device)] = task
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:

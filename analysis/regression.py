@@ -46,6 +46,7 @@ from study.seeds import derive_seed
 from study.spec import sphere_spec
 
 from .blocks import blocked_kernel
+from .devices import resolve_device
 from .kernel_so3 import so3_kernel_fn, sphere_mlp_kernel_fn
 from .kernels import mean_kernel_fn
 from .molecule_blocks import blocked_molecule_kernel
@@ -175,12 +176,13 @@ class _SphereKernel:
         self.arch, self.mode = spec.arch, spec.kernel_mode or "grid"
         self.sspec = sphere_spec(spec, tuple(input_shape), n_out)
 
-    def __call__(self, x1, x2=None, get=KERNEL_NAMES):
+    def __call__(self, x1, x2=None, get=KERNEL_NAMES, device=None):
         get = (get,) if isinstance(get, str) else tuple(get)
+        device = resolve_device(device)
         if self.arch == "so3_gcnn":
-            nngp, ntk = so3_kernel_fn(self.sspec, x1, x2, mode=self.mode)
+            nngp, ntk = so3_kernel_fn(self.sspec, x1, x2, mode=self.mode, device=device)
         else:
-            nngp, ntk = sphere_mlp_kernel_fn(self.sspec, x1, x2)
+            nngp, ntk = sphere_mlp_kernel_fn(self.sspec, x1, x2, device=device)
         mats = {"nngp": nngp, "ntk": ntk}
         return {k: np.asarray(mats[k].detach().cpu().numpy() if hasattr(mats[k], "detach") else mats[k],
                               dtype=np.float64) for k in get}
@@ -228,9 +230,10 @@ def cached_molecule_kernels(
     use_ray: bool = True,
     address: Optional[str] = None,
     engine=None,
+    num_gpus: float = 0,
     log=print,
 ) -> dict:
-    """As :func:`cached_kernels`, for molecules: ``pool_x [P, A, C, ...]`` padded per-atom
+    """As :func:`cached_kernels`, for molecules (``num_gpus``: a GPU share per block's task): ``pool_x [P, A, C, ...]`` padded per-atom
     inputs with ``pool_mask [P, A]`` (and the test set alike). The atom kernel (an ``engine``
     for ``analysis.blocks``, default :func:`atom_engine`) is computed between blocks of
     molecules holding about ``block_size`` atoms each and summed over each molecule's atoms
@@ -251,7 +254,7 @@ def cached_molecule_kernels(
     mats, info = blocked_molecule_kernel(
         spec, shape, n_out, pool_x, pool_mask, test_x, test_mask, engine=engine or atom_engine,
         block_atoms=block_size, get=KERNEL_NAMES, block_dir=Path(cache_dir) / "blocks" / f"{key}-b{block_size}",
-        use_ray=use_ray, address=address, log=log)
+        use_ray=use_ray, address=address, num_gpus=num_gpus, log=log)
     seconds = time.perf_counter() - t0
     out, clipped = {}, {}
     for k in KERNEL_NAMES:

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import analysis.kernels as kernels
-from analysis import devices, kernel_ops, kernel_so3_study, stax, theory
+from analysis import blocks, devices, kernel_ops, kernel_so3_study, molecule_blocks, regression, stax, theory
 from analysis.blocks import compute_block
 from study.config import load_study
 from study.data import StudyData
@@ -208,3 +208,25 @@ def test_gpu_kernels_equal_the_cpu_kernels(spec):
     cpu, gpu = kf(x, x[:5], device="cpu"), kf(x, x[:5], device="cuda")
     for name in cpu:
         assert np.abs(gpu[name] - cpu[name]).max() <= 1e-10 * np.abs(cpu[name]).max()
+
+
+def test_gpu_share():
+    assert blocks.gpu_share(0, use_ray=False) == (0.0, None)
+    assert blocks.gpu_share(0.5, use_ray=False) == (0.5, "cuda")  # this process's GPU, asked for
+
+
+def test_a_molecule_block_task_passes_its_device(monkeypatch):
+    """Molecule blocks hand their device to the per-atom SO(3) kernel."""
+    asked = []
+
+    def recording(sspec, x1, x2=None, mode="grid", device=None):
+        asked.append(device)
+        n2 = len(x1) if x2 is None else len(x2)
+        return torch.zeros(len(x1), n2, dtype=torch.float64), torch.zeros(len(x1), n2, dtype=torch.float64)
+
+    monkeypatch.setattr(regression, "so3_kernel_fn", recording)
+    spec = ModelSpec(name="so3", arch="so3_gcnn", group="SO3", depth=2, bands=[3, 3], so3_grid=3, kernel_mode="relative")
+    x = np.zeros((2, 3, *SHAPE))
+    mask = np.array([[True, True, False], [True, False, False]])
+    out = molecule_blocks.molecule_block(regression.atom_engine, spec, SHAPE, 1, x, mask, None, None, ("ntk",), "meta")
+    assert out["ntk"].shape == (2, 2) and asked == [torch.device("meta")]

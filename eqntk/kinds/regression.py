@@ -90,7 +90,7 @@ def compute_kernels(out: Path, p: PreparedRegression, address: Optional[str], us
         return {
             spec.name: cached_molecule_kernels(out / "kernels", spec, d.pool_x, d.pool_z > 0, d.test_x, d.test_z > 0,
                                                d.n_out, block_size=p.cfg.regression.block_size, use_ray=use_ray,
-                                               address=address)
+                                               address=address, num_gpus=p.cfg.resources.num_gpus if use_ray else 0)
             for spec in p.cfg.model_specs
         } | descriptor_kernels(out, p.cfg, d)
     return {
