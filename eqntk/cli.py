@@ -8,7 +8,8 @@
     eqntk report DIR                the tables, plots and DIR/report/index.html
     eqntk compact DIR               merge the result store's part files into few (eqntk.compact)
 
-Each command goes to the kind of its study (``eqntk.kinds``): the ``kind`` of the study
+``validate`` and ``plan`` check a study before any work (``eqntk.prepare``, ``eqntk.plan``);
+every other command goes to the kind of its study (``eqntk.kinds``): the ``kind`` of the study
 file, or the one a results directory's study.json records. Bad input exits with code 2 and
 one line naming the field and the fix; nothing is written.
 """
@@ -16,18 +17,26 @@ one line naming the field and the fix; nothing is written.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from study.config import StudyError, builtin_study_path
 
-from . import compact, plan
-from .kinds import RunOptions, kind_of_dir, kind_of_study
+from . import compact, plan, prepare
+
+
+def kinds():
+    """``eqntk.kinds``, for the commands that do a study's work (run, status, analyze, report)."""
+    # deferred: the kinds import Ray, the analysis and its plots (0.7 s here, twice that under
+    # load), which validate and plan never use and cannot afford: issue #16 bounds them to 5 s
+    # for any study file on a shared 2-core machine. No cycle is dodged: nothing imports eqntk.cli.
+    return importlib.import_module("eqntk.kinds")
 
 
 def cmd_validate(args) -> int:
-    study = Path(args.study)
-    return kind_of_study(study).validate(study)
+    print("\n".join(prepare.prepare(Path(args.study)).lines()))
+    return 0
 
 
 def cmd_plan(args) -> int:
@@ -40,26 +49,27 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     study = Path(args.study) if args.study else builtin_study_path(quick=args.quick)
-    options = RunOptions(out=Path(args.out) if args.out else None, address=args.address, resume=args.resume,
-                         analysis=not args.no_analysis, progress=not args.no_progress, compact=not args.no_compact)
-    return kind_of_study(study).run(study, options)
+    options = kinds().RunOptions(out=Path(args.out) if args.out else None, address=args.address,
+                                 resume=args.resume, analysis=not args.no_analysis, progress=not args.no_progress,
+                                 compact=not args.no_compact)
+    return kinds().kind_of_study(study).run(study, options)
 
 
 def cmd_status(args) -> int:
     if not (Path(args.dir) / "study.json").is_file():
         raise StudyError(f"DIR: {args.dir} is not an eqntk results directory (no study.json)")
-    return kind_of_dir(Path(args.dir)).status(args.dir, verbose=args.verbose)
+    return kinds().kind_of_dir(Path(args.dir)).status(args.dir, verbose=args.verbose)
 
 
 def cmd_analyze(args) -> int:
     _require_results(args.dir)
-    kind_of_dir(Path(args.dir)).analyze(Path(args.dir))
+    kinds().kind_of_dir(Path(args.dir)).analyze(Path(args.dir))
     return 0
 
 
 def cmd_report(args) -> int:
     _require_results(args.dir)
-    kind_of_dir(Path(args.dir)).report(Path(args.dir))
+    kinds().kind_of_dir(Path(args.dir)).report(Path(args.dir))
     return 0
 
 

@@ -435,6 +435,17 @@ class ModelProfile:
     ops: dict
     activation: tuple  # elements autograd saves per sample: (c0, c1) for c0 + c1 w
 
+    def to_json(self) -> dict:
+        return dict(coef=[[*key, parts] for key, parts in self.coef.items()],
+                    ops=[[*key, n] for key, n in self.ops.items()], activation=list(self.activation))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelProfile":
+        return cls(coef={(kind, path): {part: {name: tuple(c) for name, c in counts.items()}
+                                        for part, counts in parts.items()}
+                         for kind, path, parts in d["coef"]},
+                   ops={(kind, path): n for kind, path, n in d["ops"]}, activation=tuple(d["activation"]))
+
     def pass_cost(self, kind: str, width: int, batch: int, vectorise: bool) -> PassCost:
         key = (kind, "vec" if vectorise else "one")
         w = float(width)
@@ -459,8 +470,39 @@ COUNTS = ("mm", "conv", "gconv", "memory", "index")
 
 @lru_cache(maxsize=None)
 def model_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfile:
-    """Count ``spec``'s passes at widths 1, 2, 3, batches 1, 2 and (vmap) 2, 3 members: a
-    second or so per model."""
+    """``spec``'s counts (``count_profile``), read from the cache when this machine has counted
+    them before: counting takes 0.1-3 s per model (measured: an MLP 0.1 s, a CNN or GCNN on 8x8
+    images 2-3 s) and the first training pass counted imports torch._dynamo (2 s), which a plan
+    answering within seconds cannot pay for every model of a study each time."""
+    path = cache_dir() / "profiles" / f"{_profile_key(spec, input_shape, n_out)}.json"
+    try:
+        return ModelProfile.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not counted yet, or unreadable: count again
+    profile = count_profile(spec, input_shape, n_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(profile.to_json()).encode())
+    return profile
+
+
+# What the counts follow from besides the spec: the code that builds and runs the models.
+_PROFILE_SOURCES = ("workers/*.py", "study/architecture.py", "study/bases.py", "study/escnn_types.py",
+                    "study/sphere.py", "study/spec.py")
+
+
+def _profile_key(spec: ModelSpec, input_shape: tuple, n_out: int) -> str:
+    root = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256()
+    for pattern in _PROFILE_SOURCES:
+        for f in sorted(root.glob(pattern)):
+            code.update(f.read_bytes())
+    text = json.dumps(dict(spec=spec.model_dump(mode="json"), shape=[int(s) for s in input_shape], n_out=int(n_out),
+                           torch=torch.__version__, format=CALIBRATION_FORMAT, code=code.hexdigest()), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def count_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfile:
+    """Count ``spec``'s passes at widths 1, 2, 3, batches 1, 2 and (vmap) 2, 3 members."""
     keys = [(kind, path) for kind in ("fwd", "train") for path in ("vec", "one")]
     coef, ops, act, counts = {}, {}, [], {}
     for w in (1, 2, 3):
@@ -524,9 +566,8 @@ WORKER_BYTES = 600 * 2**20  # an idle Ray worker with torch imported (RSS measur
 
 @dataclass
 class UnitCost:
-    """Predicted cost of one work unit."""
+    """Predicted cost of a work unit (every unit of one model, width, lr and member count has the same)."""
 
-    unit_id: str
     model: str
     width: int
     members: int
@@ -603,7 +644,7 @@ def unit_cost(unit, input_shape: tuple, n_out: int, n_train: int, eval_sizes: li
     # (within half the device's memory, workers.ensemble), and the worker's own memory is the host's
     memory = (PARAMETER_COPIES * params * itemsize * members
               + (activations if gpu else min(activations, CPU_MEMORY_BUDGET) + WORKER_BYTES))
-    return UnitCost(unit.unit_id, spec.name, width, members, train_s, log_s, memory, rows * cal.part_bytes_per_row, rows)
+    return UnitCost(spec.name, width, members, train_s, log_s, memory, rows * cal.part_bytes_per_row, rows)
 
 
 def _vectorised(blocks: int, members: int, device: str) -> bool:

@@ -19,7 +19,6 @@ any study file.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import os
 import time
@@ -30,8 +29,7 @@ from typing import Optional
 from study.config import StudyError, load_study
 
 from . import cost
-from .kinds.ensemble import Prepared
-from .kinds.regression import PreparedRegression
+from .prepare import Prepared, PreparedRegression
 
 # Fixed costs of a run measured on this machine (2 CPUs, load average 1-5): starting and
 # stopping local Ray (ray.init + shutdown, 7-9 s), the driver's own work per unit (scheduling,
@@ -140,14 +138,18 @@ def _plan_ensemble(path: Path, resources: Resources, calibration) -> Plan:
         plan.notes.append(f"units use {threads} threads each: priced as one thread (no speed-up assumed)")
     shape, n_out, n_train = tuple(data.input_shape), data.n_out, len(data.train_x)
     eval_sizes = [len(v) for v in data.eval_sets.values()]
-    priced: dict = {}  # units of one model, width and member count cost the same: price each kind once
+    # Units of one model, width and member count cost the same (a study has at most a few
+    # hundred such kinds, and up to 100,000 units): each kind is priced once, and every unit
+    # of it shares that one UnitCost.
+    priced: dict = {}
     for u in p.units:
         key = (u.model.name, u.width, u.members, u.steps, len(u.log_steps), u.dtype, u.store_members)
-        if key not in priced:
-            priced[key] = cost.unit_cost(u, shape, n_out, n_train, eval_sizes, cal, gpu=gpu,
-                                         batch_s=cost.batch_seconds(u.model, data.train_x, data.train_y, u.members,
-                                                                    cfg.dtype))
-        plan.units.append(dataclasses.replace(priced[key], unit_id=u.unit_id))
+        c = priced.get(key)
+        if c is None:
+            c = priced[key] = cost.unit_cost(u, shape, n_out, n_train, eval_sizes, cal, gpu=gpu,
+                                             batch_s=cost.batch_seconds(u.model, data.train_x, data.train_y,
+                                                                        u.members, cfg.dtype))
+        plan.units.append(c)
     # units running side by side on a node's CPUs share its cores, caches and memory bandwidth
     concurrent = min(plan.slots, max(1, resources.cpus // max(resources.nodes, 1)))
     share = cal.parallel_slowdown if (not gpu and concurrent > 1) else 1.0
@@ -155,7 +157,8 @@ def _plan_ensemble(path: Path, resources: Resources, calibration) -> Plan:
         plan.notes.append(f"{concurrent} units at once on a node run {share:.2f}x slower each than one alone "
                           f"(measured by the calibration)")
     crowd = 1.0 if gpu else resources.crowding(concurrent)
-    durations = [u.seconds * share * crowd + DRIVER_SECONDS_PER_UNIT for u in plan.units]
+    wall = {id(c): c.seconds * share * crowd + DRIVER_SECONDS_PER_UNIT for c in priced.values()}
+    durations = [wall[id(u)] for u in plan.units]
     plan.phases["start (data, Ray)"] = prepare + RAY_START_SECONDS
     plan.phases["training"] = list_schedule(durations, plan.slots, cal.worker_seconds)
     # analysis runs on the driver's node

@@ -333,3 +333,38 @@ def test_readme_paper_blocks(tmp_path):
 def test_current_load_counts_other_runnable_processes():
     load = plan.current_load(samples=3, every=0.01)
     assert 0 <= load < 1000
+
+
+def test_model_profiles_are_counted_once_per_machine(tmp_path, fixed_calibration, monkeypatch):
+    """A model's operation counts are kept in the cache: read back equal to a fresh count, and
+    not counted again (counting a CNN takes seconds, and the first training pass counted
+    imports torch._dynamo)."""
+    spec = ModelSpec(name="m", arch="cnn", depth=1)
+    cost.model_profile.cache_clear()
+    first = cost.model_profile(spec, (1, 8, 8), 10)
+    stored = list((tmp_path / "cache" / "profiles").glob("*.json"))
+    assert len(stored) == 1
+    assert cost.ModelProfile.from_json(json.loads(stored[0].read_text())) == first == cost.count_profile(spec, (1, 8, 8), 10)
+    cost.model_profile.cache_clear()
+    monkeypatch.setattr(cost, "count_profile", lambda *a: pytest.fail("counted again"))
+    assert cost.model_profile(spec, (1, 8, 8), 10) == first
+    stored[0].write_text("{damaged")
+    monkeypatch.undo()
+    monkeypatch.setenv("EQNTK_CACHE", str(tmp_path / "cache"))
+    cost.model_profile.cache_clear()
+    assert cost.model_profile(spec, (1, 8, 8), 10) == first  # a damaged entry is counted again
+    assert cost.ModelProfile.from_json(json.loads(stored[0].read_text())) == first
+    cost.model_profile.cache_clear()
+
+
+def test_validate_and_plan_load_no_run_modules(tmp_path):
+    """validate and plan import what checking and pricing need, not Ray, the analysis or its
+    plots (eqntk.kinds): those took 0.7 s of the 5 s issue #16 allows them."""
+    path = study(tmp_path)
+    heavy = ("ray", "matplotlib", "eqntk.kinds", "eqntk.runner", "eqntk.pipeline", "analysis.report")
+    code = (f"import sys, io, contextlib\nfrom eqntk.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert main(['validate', {str(path)!r}]) == 0\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

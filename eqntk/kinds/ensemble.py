@@ -17,69 +17,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Union
 
-from study.config import EnsembleStudy, StudyError, load_study, study_from_dict
-from study.data import build_data
+from study.config import StudyError, study_from_dict
 from study.grid import expand
-from workers.footprint import machine_bytes, members_fitting, unit_bytes
 
 from .. import pipeline
 from ..compact import auto_compact
+from ..prepare import Prepared, resolved_study  # noqa: F401 (resolved_study: callers import it from here)
 from ..runner import run_units
 from ..store import ResultStore
 from .base import RunOptions, StudyKind
-
-
-class Prepared:
-    """A validated study with its arrays and units: everything decided before any work."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.text = path.read_text() if path.is_file() else ""
-        self.cfg: EnsembleStudy = load_study(path)
-        self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
-        self.cfg.check_inputs(self.data.input_shape, str(path), n_train=len(self.data.train_x))
-        check_unit_memory(self.cfg, self.data.input_shape, self.data.n_out, str(path))
-        self.digest = self.data.digest()
-        self.units = expand(self.cfg, self.digest)
-
-    @property
-    def resolved(self) -> dict:
-        return resolved_study(self.cfg, self.digest)
-
-
-def check_unit_memory(cfg: EnsembleStudy, input_shape: tuple, n_out: int, origin: str) -> None:
-    """Refuse, before any work, a unit whose predicted memory (``workers.footprint``) exceeds
-    this machine's: its largest width and largest member range are checked for every model."""
-    ram = machine_bytes()
-    gb = lambda b: f"{b / 2**30:.3g}"
-    for i, spec in enumerate(cfg.model_specs):
-        width = max(cfg.widths_of(spec.name))
-        members = min(cfg.unit_size, cfg.ensemble_size_of(spec.name))
-        need = unit_bytes(spec, width, members, input_shape, n_out, cfg.dtype)
-        if need <= ram:
-            continue
-        fit = members_fitting(spec, width, input_shape, n_out, cfg.dtype, ram)
-        if fit < 1:
-            one = unit_bytes(spec, width, 1, input_shape, n_out, cfg.dtype)
-            raise StudyError(
-                f"{origin}: widths: one member of {spec.name} (models.{i}) at width {width} needs about {gb(one)} GB, "
-                f"more than this machine's {gb(ram)} GB; use smaller widths"
-            )
-        fit -= fit % 2 if spec.pairing == "antithetic" else 0
-        raise StudyError(
-            f"{origin}: members_per_unit: a unit of {members} members of {spec.name} (models.{i}) at width {width} "
-            f"needs about {gb(need)} GB, more than this machine's {gb(ram)} GB; set members_per_unit: {max(fit, 1)} or less"
-        )
-
-
-def resolved_study(cfg: EnsembleStudy, digest: str) -> dict:
-    """What study.json records: the study with every default filled in, and its data's digest."""
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "models": [m.model_dump(mode="json") for m in cfg.model_specs],
-        "log_steps": cfg.resolved_log_steps,
-        "data_digest": digest,
-    }
 
 
 def units_of(store: ResultStore) -> list:
@@ -103,17 +49,7 @@ class EnsembleKind(StudyKind):
     name = "ensemble"
 
     def validate(self, study: Path) -> int:
-        p = Prepared(study)
-        cfg = p.cfg
-        print(f"study {cfg.name}: valid")
-        print(f"  data: {len(p.data.train_x)} training inputs of shape {p.data.input_shape}, {p.data.n_out} outputs; "
-              + ", ".join(f"{k} ({len(v)})" for k, v in p.data.eval_sets.items()))
-        print(f"  log steps ({len(cfg.resolved_log_steps)}): {cfg.resolved_log_steps}")
-        print(f"  {len(p.units)} units:")
-        print(f"  {'unit id':16}  {'model':18} {'arch':9} {'group':5} {'width':>6} {'lr':>8} members")
-        for u in p.units:
-            print(f"  {u.unit_id:16}  {u.model.name:18} {u.model.arch:9} {u.model.group:5} {u.width:6d} {u.lr:8.3g} "
-                  f"{u.member_start}..{u.member_stop - 1}")
+        print("\n".join(Prepared(study).lines()))
         return 0
 
     def run(self, study: Path, options: RunOptions) -> int:

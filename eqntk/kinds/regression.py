@@ -46,9 +46,10 @@ from analysis.regression import (
 )
 from analysis.regression_report import write_regression_report
 from study.atomic import atomic_path, atomic_write
-from study.config import RegressionStudy, StudyError, load_study, study_from_dict
-from study.regression_data import RegressionData, build_regression_data
+from study.config import RegressionStudy, StudyError, study_from_dict
+from study.regression_data import RegressionData
 
+from ..prepare import PreparedRegression
 from ..store import ResultStore, versions
 from .base import RunOptions, StudyKind, kind_name_of_dir
 
@@ -59,29 +60,6 @@ def data_kernel_key(data: RegressionData, spec) -> str:
         digest = inputs_digest(data.pool_x, data.test_x, data.pool_z > 0, data.test_z > 0)
         return kernel_key(spec, data.n_out, digest, engine="molecule_sum")
     return kernel_key(spec, data.n_out, inputs_digest(data.pool_x, data.test_x))
-
-
-class PreparedRegression:
-    """A validated study with its pool and test arrays: everything decided before any kernel."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.text = path.read_text() if path.is_file() else ""
-        self.cfg: RegressionStudy = load_study(path)
-        self.data = build_regression_data(self.cfg, path.parent)
-        self.cfg.check_inputs(self.data.input_shape, str(path))
-        self.digest = self.data.digest()
-
-    @property
-    def resolved(self) -> dict:
-        r = self.cfg.regression
-        return {
-            "config": self.cfg.model_dump(mode="json"),
-            "models": [m.model_dump(mode="json") for m in self.cfg.model_specs],
-            "sizes": r.resolved_sizes,
-            "times": [str(t) for t in r.resolved_times],
-            "data_digest": self.digest,
-        }
 
 
 def compute_kernels(out: Path, p: PreparedRegression, address: Optional[str], use_ray: bool = True) -> dict:
@@ -169,18 +147,7 @@ class RegressionKind(StudyKind):
     name = "kernel_regression"
 
     def validate(self, study: Path) -> int:
-        p = PreparedRegression(study)
-        cfg, r = p.cfg, p.cfg.regression
-        print(f"study {cfg.name}: valid (kernel regression)")
-        if p.data.molecular:
-            print(f"  data: pool of {len(p.data.pool_x)} molecules ({int((p.data.pool_z > 0).sum())} atoms), test set "
-                  f"{len(p.data.test_x)} molecules ({int((p.data.test_z > 0).sum())} atoms); atom signals of shape "
-                  f"{p.data.input_shape}; energies in eV, baseline {r.resolved_baseline(True)}")
-        else:
-            print(f"  data: pool of {len(p.data.pool_x)} training candidates of shape {p.data.input_shape}, "
-                  f"{p.data.n_out} outputs; test set {len(p.data.test_x)}")
-        print(f"  sizes: {r.resolved_sizes}; {r.draws} draws each; kernels {r.kernels}; times {r.times}; diag_reg {r.diag_reg:g}")
-        print("  models: " + ", ".join(f"{m.name} ({m.arch}, {m.group}, {m.basis}, {m.augmentation})" for m in cfg.model_specs))
+        print("\n".join(PreparedRegression(study).lines()))
         return 0
 
     def run(self, study: Path, options: RunOptions) -> int:
