@@ -4,15 +4,19 @@ Each unit is 2 members of a width-2 MLP trained 1 step on 4 digits and logged tw
 almost all of its time is the tool's own: Ray scheduling the task, the worker building the
 unit and its Parquet part, the driver committing it. For each size (default 200 and 2,000
 units) and each cluster (local Ray; a two-node Ray cluster on this machine, ``ray start
---head`` and ``ray start --address``, one CPU each) it runs ``eqntk run --no-analysis`` as a
-subprocess and records:
+--head`` and ``ray start --address``, one CPU each) it runs ``eqntk run --no-analysis
+--no-compact`` as a subprocess and records:
 
 - the training phase's wall time (the runner's own figure) and the overhead per unit in ms:
   wall x slots / units, less the mean time a unit spent training (its record's ``seconds``);
 - the driver's peak memory (RSS of the ``eqntk`` process, sampled every 50 ms; the Ray
   processes it starts are not counted);
 - the number and total size of the Parquet part files;
-- ``eqntk analyze``'s time to read them (its manifest's ``read`` seconds) and in all.
+- ``eqntk analyze``'s time to read them (its manifest's ``read`` seconds) and in all;
+- then ``eqntk compact``: its own time (the seconds it prints) and its command's wall time,
+  the number and size of the files after it, and ``eqntk analyze`` again (its theory cache
+  removed first, so both analyses compute the same things), with whether every table came
+  out bit for bit the same (``tables_identical``; the theory table's timing columns aside).
 
     python benchmarks/scale.py [--units 200 2000] [--clusters local two-node] [--out FILE] [--keep DIR]
 
@@ -35,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +110,7 @@ def run(cmd: list[str], env: dict) -> tuple[str, float, int]:
 def measure(units: int, work: Path, address: str | None, slots: int, env: dict, keep: Path | None = None) -> dict:
     study = write_study(work, units)
     out = work / f"out-{units}-{'cluster' if address else 'local'}"
-    cmd = [EQNTK, "run", str(study), "--out", str(out), "--no-progress", "--no-analysis"]
+    cmd = [EQNTK, "run", str(study), "--out", str(out), "--no-progress", "--no-analysis", "--no-compact"]
     if address:
         cmd += ["--address", address]
     load = os.getloadavg()[0]
@@ -115,17 +120,32 @@ def measure(units: int, work: Path, address: str | None, slots: int, env: dict, 
     assert len(records) == units and all(r["status"] == "done" for r in records), log
     unit_mean = sum(r["seconds"] for r in records) / units
     parts = list((out / "predictions").rglob("part-*.parquet"))
+    part_bytes = sum(p.stat().st_size for p in parts)
     alog, awall, apeak = run([EQNTK, "analyze", str(out)], env)
     manifest = json.loads((out / "analysis" / "manifest.json").read_text())
+    before = tables(out)
+    shutil.rmtree(out / "analysis")  # the second analysis computes the analytic predictions again too
+    clog, cwall, _ = run([EQNTK, "compact", str(out)], env)
+    compact_seconds = float(clog.strip().splitlines()[-1].rsplit(" in ", 1)[1].split()[0])
+    files = [p for p in (out / "predictions").rglob("*.parquet") if not p.name.startswith(".")]
+    _, cawall, capeak = run([EQNTK, "analyze", str(out)], env)
+    cmanifest = json.loads((out / "analysis" / "manifest.json").read_text())
+    after = tables(out)
     row = dict(
         units=units, cluster="two-node" if address else "local", slots=slots, load_average=round(load, 2),
         run_wall_seconds=round(wall, 2), training_seconds=training,
         overhead_ms_per_unit=round(1000 * (training * slots / units - unit_mean), 1),
         unit_seconds_mean=round(unit_mean, 4), driver_peak_rss_bytes=peak,
-        part_files=len(parts), part_bytes=sum(p.stat().st_size for p in parts),
+        part_files=len(parts), part_bytes=part_bytes,
         nodes=len({r["node_id"] for r in records}),
         analyze_read_seconds=manifest["seconds"]["read"], analyze_seconds=manifest["seconds"]["total"],
         analyze_wall_seconds=round(awall, 2), analyze_peak_rss_bytes=apeak,
+        compact_seconds=compact_seconds, compact_wall_seconds=round(cwall, 2),
+        compacted_files=len(files), compacted_bytes=sum(p.stat().st_size for p in files),
+        compacted_analyze_read_seconds=cmanifest["seconds"]["read"], compacted_analyze_seconds=cmanifest["seconds"]["total"],
+        compacted_analyze_wall_seconds=round(cawall, 2), compacted_analyze_peak_rss_bytes=capeak,
+        tables_identical=all(before[k].equals(after[k]) for k in before) and before.keys() == after.keys(),
+        load_average_after=round(os.getloadavg()[0], 2),
     )
     print(json.dumps(row), flush=True)
     if keep:
@@ -134,6 +154,13 @@ def measure(units: int, work: Path, address: str | None, slots: int, env: dict, 
     else:
         shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+def tables(out: Path) -> dict[str, pd.DataFrame]:
+    """``eqntk analyze``'s tables, less the theory table's timing columns (seconds, cached)."""
+    found = {p.stem: pd.read_parquet(p) for p in sorted((out / "analysis").glob("*.parquet"))}
+    found["theory"] = found["theory"].drop(columns=["seconds", "cached"], errors="ignore")
+    return found
 
 
 def free_port() -> int:

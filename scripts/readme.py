@@ -705,11 +705,23 @@ def scale_table(path: Path) -> str:
             rows.append([cluster, sig3(r["units"]), seconds(r["training_seconds"]), fixed(0)(r["overhead_ms_per_unit"]),
                          marginal, fixed(0)(1000 * r["unit_seconds_mean"]), f"{r['driver_peak_rss_bytes'] / 1e6:.0f} MB",
                          f"{r['part_files']} ({r['part_bytes'] / 1e6:.1f} MB)", seconds(r["analyze_read_seconds"]),
-                         seconds(r["analyze_wall_seconds"]), fixed(1)(r["load_average"])])
+                         seconds(r["analyze_wall_seconds"])]
+                        + compacted_cells(r) + [fixed(1)(r["load_average"])])
     return (f"`{rec['command']}` ({rec['machine']['cpus']} CPUs, {rec['machine']['memory_gib']} GiB):\n\n"
             + markdown_table(["Ray", "units", "training wall", "overhead per unit (ms)", "overhead, growth (ms)",
                               "unit's own (ms)", "driver peak", "Parquet parts", "analyze: read", "analyze: all",
-                              "load"], rows, [False] + [True] * 10))
+                              "eqntk compact", "compacted files", "compacted: read", "compacted: all", "tables",
+                              "load"], rows, [False] + [True] * 15))
+
+
+def compacted_cells(r: dict) -> list[str]:
+    """A scale row's compaction (benchmarks/scale.py): its time, the files after it, analyze's
+    read and wall time on them, and whether the tables stayed bit for bit the same."""
+    if "compacted_files" not in r:  # a record from before compaction existed
+        return ["n/a"] * 5
+    return [seconds(r["compact_seconds"]), f"{r['compacted_files']} ({r['compacted_bytes'] / 1e6:.1f} MB)",
+            seconds(r["compacted_analyze_read_seconds"]), seconds(r["compacted_analyze_wall_seconds"]),
+            "identical" if r["tables_identical"] else "differ"]
 
 
 def paper_blocks(path: Path) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """The runner and the store at many units (benchmarks/scale.py): every unit's part is written
-once, nothing is lost or duplicated, the status and the analysis read them all.
+once, nothing is lost or duplicated, the status and the analysis read them all, before and
+after ``eqntk compact`` merges them (with the same tables).
 
 The default test runs 200 tiny units on local Ray through the benchmark script itself; the
 opt-in slow test (``pytest --runslow``) runs 2,000 on local Ray and on a two-node Ray cluster
@@ -42,6 +43,9 @@ def check_rows(rec: dict, units: list[int], clusters: list[str]) -> None:
         assert r["part_bytes"] > 0 and r["driver_peak_rss_bytes"] > 0
         assert r["analyze_read_seconds"] >= 0 and r["training_seconds"] > 0
         assert r["nodes"] == (2 if r["cluster"] == "two-node" else 1)
+        # one partition (one model, one width): its parts make one compacted file
+        assert r["compacted_files"] == 1 and 0 < r["compacted_bytes"] and r["tables_identical"]
+        assert r["compacted_analyze_read_seconds"] >= 0 and r["compact_seconds"] >= 0
 
 
 def test_two_hundred_units_local(tmp_path):
@@ -53,7 +57,8 @@ def test_two_hundred_units_local(tmp_path):
     table = read_predictions(out, columns=["unit_id", "step"])
     assert table.num_rows == 200 * 2 * 6 * 4 * 10
     assert len(set(table.column("unit_id").to_pylist())) == 200
-    assert len(ds.dataset(out / "predictions", format="parquet", partitioning="hive").files) == 200
+    assert len(ds.dataset(out / "predictions", format="parquet", partitioning="hive").files) == 1  # compacted
+    assert not list(out.rglob("part-*.parquet")) and len(list(out.rglob("compact-*.parquet"))) == 1
     status = subprocess.run([EQNTK, "status", str(out)], capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "200 done" in status.stdout, status.stdout + status.stderr
 
