@@ -61,7 +61,8 @@ def main(argv=None) -> int:
             if r.returncode != 0:
                 raise SystemExit(f"the slice run failed ({r.returncode})")
             units = [json.loads(p.read_text()) for p in (Path(d) / "out" / "units").glob("*.json")]
-            parts = list((Path(d) / "out" / "predictions").rglob("part-*.parquet"))
+            # the predictions on disk: parts, or the files `eqntk run` compacted them into at its end
+            parts = [p for p in (Path(d) / "out" / "predictions").rglob("*.parquet") if not p.name.startswith(".")]
             record["slice_run"] = dict(wall_seconds=round(wall, 1), load_average_before=load,
                                        load_average_after=[round(x, 2) for x in os.getloadavg()],
                                        unit_seconds=round(sum(u["seconds"] for u in units), 1), units=len(units),

@@ -102,3 +102,30 @@ def test_atomic_path_whole_file_or_none(tmp_path):
     with atomic_path(target) as tmp:
         pd.DataFrame({"a": [1]}).to_csv(tmp, index=False)
     assert target.read_text() == "a\n1\n" and list(target.parent.iterdir()) == [target]
+
+
+def test_compacted_units_are_done_and_read_once(tmp_path):
+    """A unit is stored when its part exists or a compacted file lists it; a part a compacted file
+    also lists (a compaction killed before deleting it) is skipped, never read twice."""
+    from eqntk.compact import compact
+
+    rng = np.random.default_rng(2)
+    store = ResultStore(tmp_path)
+    units = [unit(2 * i, 2 * i + 3, uid=f"u{i}") for i in range(3)]
+    for u in units:
+        commit(store, u, {0: rng.standard_normal((3, 1, 2, 1))})
+    ref = read_predictions(tmp_path).to_pandas()
+    saved = {u.unit_id: store.part_path(u).read_bytes() for u in units}
+    assert compact(store).files == 1
+    assert all(store.is_done(u) and not store.part_path(u).exists() for u in units)
+    assert store.unit_states(units) == {u.unit_id: "done" for u in units}
+    store.part_path(units[1]).write_bytes(saved["u1"])  # a leftover part
+    pd.testing.assert_frame_equal(read_predictions(tmp_path).to_pandas(), ref, check_exact=True)
+    assert store.finished_ids() == {"u0", "u1", "u2"}
+    assert compact(store).leftovers == 1 and not store.part_path(units[1]).exists()
+    # a corrupt compacted file is named, with how to regenerate its units
+    (f,) = tmp_path.rglob("compact-*.parquet")
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(StudyError) as e:
+        store.unit_states(units)
+    assert str(f) in str(e.value) and "eqntk run" in str(e.value)
