@@ -20,6 +20,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from study.config import StudyError
 from study.grid import UnitSpec
 from workers.unit import run_unit
 
@@ -85,6 +86,21 @@ def _node_id() -> str:
     except Exception:
         pass
     return "local"
+
+
+def check_local_resources(num_cpus: float, num_gpus: float, address: str | None) -> None:
+    """Refuse a study whose units ask for more than this machine has when Ray runs locally:
+    Ray would hold such a unit back forever. A cluster (``address``) may add nodes on demand
+    (an autoscaler), so there Ray is left to place the units."""
+    if address:
+        return
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if num_gpus > gpus:
+        raise StudyError(f"resources.num_gpus: each unit asks for {num_gpus:g} GPU but this machine has {gpus}; "
+                         "set resources: {num_gpus: 0}, or run on a cluster with GPUs (--address)")
+    if num_cpus > cpus:
+        raise StudyError(f"resources.num_cpus: each unit asks for {num_cpus:g} CPUs but this machine has {cpus}; "
+                         f"set resources: {{num_cpus: {cpus}}} or fewer, or run on a cluster (--address)")
 
 
 def _init_ray(address: str | None):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from eqntk.cli import main
 from eqntk.kinds import KINDS
@@ -242,3 +243,15 @@ def test_unknown_kind_in_a_results_directory(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "kind 'other'" in err
+
+
+@pytest.mark.parametrize("resources,words", [
+    ("{num_gpus: 1}", ["resources.num_gpus", "this machine has 0", "num_gpus: 0", "--address"]),
+    ("{num_cpus: 100000}", ["resources.num_cpus", "CPUs but this machine has", "or fewer", "--address"]),
+])
+def test_units_larger_than_this_machine_are_refused_when_ray_is_local(tmp_path, refused, resources, words):
+    """Local Ray would hold such units back forever; on a cluster (--address) Ray places them."""
+    if "gpus" in resources and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    study = write(tmp_path, GOOD + f"resources: {resources}\n")
+    refused(study, tmp_path / "out", words)

@@ -23,7 +23,7 @@ from study.grid import expand
 from .. import pipeline
 from ..compact import auto_compact
 from ..prepare import Prepared, resolved_study  # noqa: F401 (resolved_study: callers import it from here)
-from ..runner import run_units
+from ..runner import check_local_resources, run_units
 from ..store import ResultStore
 from .base import RunOptions, StudyKind
 
@@ -67,6 +67,7 @@ class EnsembleKind(StudyKind):
                     f"--out: {out} already holds this finished study; pass --resume to reuse it or choose a new --out"
                 )
         self.refuse_other_directory(out)
+        check_local_resources(p.cfg.resources.num_cpus, p.cfg.resources.num_gpus, options.address)
         store.lock()
         try:
             if not store.exists():
