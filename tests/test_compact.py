@@ -5,6 +5,7 @@ the job, the analysis is bit for bit the same, and a rerun retrains nothing."""
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def test_kill_at_every_step_reads_each_unit_once_and_resumes(tmp_path, monkeypat
     at = 1
     while True:
         root = tmp_path / f"kill{at}"
-        store, _ = build_store(root)
+        shutil.copytree(ref_root, root)
+        store = ResultStore(root)
         reaper = Reaper(at)
         with monkeypatch.context() as m:
             file_operations(m, reaper)
@@ -252,6 +254,8 @@ def test_real_study_compacted_at_the_end_of_a_rerun(tmp_path, capsys, monkeypatc
     out = tmp_path / "out"
     assert main(["run", str(study), "--out", str(out), "--no-progress", "--no-analysis", "--no-compact"]) == 0
     assert len(list(out.rglob("part-*.parquet"))) == 16
+    one = next(out.rglob("part-*.parquet"))
+    saved = one.read_bytes()
     before = pipeline.analyze(out, workers=1, log=lambda m: None)
     capsys.readouterr()
     # the rerun: nothing to train; with the threshold met, it compacts at its end
@@ -265,7 +269,18 @@ def test_real_study_compacted_at_the_end_of_a_rerun(tmp_path, capsys, monkeypatc
     assert "16 done, 0 diverged, 0 failed, 0 pending" in capsys.readouterr().out
     after = pipeline.analyze(out, workers=1, log=lambda m: None)
     same_tables(before, after)
-    # and once more: still nothing to train, nothing duplicated
+    # as a compaction killed after its rename leaves it: a part its file holds, and a temp file
+    one.write_bytes(saved)
+    (one.parent / ".compact-x.parquet.0123.tmp.parquet").write_bytes(saved[:100])
+    rows = 16 * 3 * 12 * 4 * 10  # units x logged steps x (8 + 4 inputs) x |C4| x outputs
+    assert read_predictions(out).num_rows == rows  # each unit once
+    assert len(pd.read_parquet(out / "predictions")) == rows + rows // 16  # a plain reader: that unit twice
+    assert main(["status", str(out)]) == 0
+    assert "16 done, 0 diverged, 0 failed, 0 pending" in capsys.readouterr().out
+    # the rerun trains nothing and finishes the compaction (the threshold no longer met)
+    monkeypatch.setattr(cp, "AUTO_MIN_PARTS", 100)
     assert main(["run", str(study), "--out", str(out), "--no-progress", "--no-analysis", "--resume"]) == 0
-    assert "16 already done, 0 finished now" in capsys.readouterr().out
-    assert len(pd.read_parquet(out / "predictions")) == read_predictions(out).num_rows == 16 * 3 * 12 * 4 * 10
+    said = capsys.readouterr().out
+    assert "16 already done, 0 finished now" in said and "1 leftover part(s) of an interrupted compaction" in said
+    assert len(pd.read_parquet(out / "predictions")) == read_predictions(out).num_rows == rows
+    assert not list(out.rglob("part-*.parquet")) and not [p for p in out.rglob(".*") if p.name != ".lock"]
