@@ -638,7 +638,8 @@ def render(dirs: dict[str, Path]) -> tuple[dict[str, str], dict[str, Path]]:
 # These blocks are rendered where the README has their markers (a README without them, such as
 # a test's, is left alone). docs/cost.md describes the model; `eqntk plan` prints it.
 COST_STUDIES = ("builtin", "so3", "regression")  # whose --run records the prediction made before it
-BENCHMARK_RECORDS = {"scale": ROOT / "benchmarks" / "scale.json", "paper": ROOT / "benchmarks" / "paper_plan.json"}
+BENCHMARK_RECORDS = {"scale": ROOT / "benchmarks" / "scale.json", "paper": ROOT / "benchmarks" / "paper_plan.json",
+                     "bounded": ROOT / "benchmarks" / "bounded.json"}
 
 
 def predicted_seconds(study: Path, cpus: int, load: float = 0.0) -> float:
@@ -724,6 +725,27 @@ def compacted_cells(r: dict) -> list[str]:
             "identical" if r["tables_identical"] else "differ"]
 
 
+def refused_table(path: Path) -> str:
+    """benchmarks/bounded.py's record: each bad or absurd study file, what ``eqntk validate``
+    and ``eqntk plan`` answered (a fresh process each) and how long they took."""
+    rec = json.loads(path.read_text())
+
+    def took(r: dict) -> str:
+        return f"exit {r['exit']}, {seconds(r['wall_seconds'])} ({seconds(r['cpu_seconds'])} CPU)"
+
+    def answer(row: dict) -> str:
+        text = row["plan"]["answer"] if row["plan"]["exit"] == 0 else row["validate"]["answer"]
+        text = text.removeprefix("eqntk: error: ").removeprefix("STUDY: ").removeprefix("wall time: ")
+        return text if len(text) <= 110 else text[:107] + "..."
+    rows = [[r["case"], took(r["validate"]), took(r["plan"]), answer(r)] for r in rec["rows"]]
+    slowest = max(max(r["validate"]["wall_seconds"], r["plan"]["wall_seconds"]) for r in rec["rows"])
+    load = rec["load_average_before"]
+    return (f"`{rec['command']}` ({rec['machine']['cpus']} CPUs; load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
+            f"before; the slowest answer {seconds(slowest)}):\n\n"
+            + markdown_table(["study file", "eqntk validate", "eqntk plan", "answer (plan's for a valid study)"],
+                             rows, [False, True, True, False]))
+
+
 def paper_blocks(path: Path) -> dict[str, str]:
     rec = json.loads(path.read_text())
     out = {"plan-paper": f"```\n$ eqntk plan {rec['paper_here']['study']}\n{rec['paper_here']['text']}\n```\n",
@@ -757,6 +779,8 @@ def cost_blocks(text: str, dirs: dict[str, Path]) -> dict[str, str]:
         blocks["scale"] = scale_table(BENCHMARK_RECORDS["scale"])
     if BENCHMARK_RECORDS["paper"].is_file():
         blocks.update({k: v for k, v in paper_blocks(BENCHMARK_RECORDS["paper"]).items() if wanted(k)})
+    if wanted("refused-inputs") and BENCHMARK_RECORDS["bounded"].is_file():
+        blocks["refused-inputs"] = refused_table(BENCHMARK_RECORDS["bounded"])
     return blocks
 
 

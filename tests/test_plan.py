@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -368,3 +369,62 @@ def test_validate_and_plan_load_no_run_modules(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def large_study(units_per_ensemble: int) -> str:
+    """Two models at five widths, ``units_per_ensemble`` units of 1,000 members each."""
+    return replace(replace(GOOD, "widths: [8, 16]", "widths: [8, 16, 32, 64, 128]"), "ensemble_size: 4",
+                   f"ensemble_size: {units_per_ensemble * 1000}\nmembers_per_unit: 1000")
+
+
+def test_large_grids_answer_within_5_s_as_a_user_runs_them(tmp_path, fixed_calibration):
+    """``eqntk validate`` and ``eqntk plan`` in a fresh process each, imports included, on the
+    largest grid a study may have (100,000 units: 2 models x 5 widths x 10,000 units) and
+    on one twice as large (refused). Issue #16 asks for an answer within 5 s; that is what
+    is asserted of each command's CPU time (user + system). The wall time is not: on this
+    2-core machine other jobs' share of the cores lengthens it (measured 3-4.5 s at load
+    average 2 for 100,000 units); it is bounded at 60 s only to catch a hang. The model
+    counts and kernel pair costs are in the cache first (a first plan of a new model counts
+    it once, 0.1-3 s; benchmarks/bounded.py measures the same files)."""
+    env = dict(os.environ, EQNTK_CACHE=str(tmp_path / "cache"))
+    exe = str(Path(sys.executable).with_name("eqntk"))
+    subprocess.run([exe, "plan", str(study(tmp_path))], env=env, check=True, capture_output=True, timeout=300)
+    for units, refused in ((10000, False), (20000, True)):
+        path = study(tmp_path, large_study(units), f"units{units}.yaml")
+        for command in ("validate", "plan"):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            r = subprocess.run([exe, command, str(path)], env=env, capture_output=True, text=True, timeout=60)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            assert r.returncode == (2 if refused else 0), r.stderr
+            if refused:
+                assert f"{10 * units} work units" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+            else:
+                assert (f"  {10 * units} units:" if command == "validate" else "; total ") in r.stdout
+            assert cpu < 5, f"{command} of {10 * units} units: {cpu:.1f} s of CPU"
+
+
+def test_readme_refused_inputs_block(tmp_path):
+    """benchmarks/bounded.py's record becomes README's table of refused inputs: both commands'
+    exit code, wall and CPU seconds, and the one-line answer (the plan's total for a valid file)."""
+    readme = readme_module()
+    took = lambda code, wall, cpu, answer: dict(exit=code, wall_seconds=wall, cpu_seconds=cpu, answer=answer,  # noqa: E731
+                                                error_lines=1 if code else 0)
+    rec = dict(command="python benchmarks/bounded.py", machine=dict(cpus=2, host="h"), load_average_before=[2.0, 1.5, 1.0],
+               load_average_after=[2.0, 1.5, 1.0], rows=[
+                   dict(case="a width no machine holds", expected="refused", load=2.0,
+                        validate=took(2, 3.1, 2.9, "eqntk: error: STUDY: widths: one member needs 85.8 GB; use smaller widths"),
+                        plan=took(2, 3.0, 2.9, "eqntk: error: STUDY: widths: one member needs 85.8 GB; use smaller widths")),
+                   dict(case="100,000 units", expected="valid", load=2.0, validate=took(0, 3.7, 3.9, "100000 units:"),
+                        plan=took(0, 3.6, 3.8, "wall time: training 18 h 19 min; total 18 h 24 min"))])
+    path = tmp_path / "bounded.json"
+    path.write_text(json.dumps(rec))
+    table = readme.refused_table(path)
+    assert "load average 2.00, 1.50, 1.00 before; the slowest answer 3.7 s" in table
+    assert ("| a width no machine holds | exit 2, 3.1 s (2.9 s CPU) | exit 2, 3.0 s (2.9 s CPU) | widths: one member needs "
+            "85.8 GB; use smaller widths |") in table
+    assert "| 100,000 units | exit 0, 3.7 s (3.9 s CPU) | exit 0, 3.6 s (3.8 s CPU) | training 18 h 19 min; total 18 h 24 min |" \
+        in table
+    readme.BENCHMARK_RECORDS["bounded"] = path
+    page = "<!-- generated: refused-inputs -->\n<!-- end generated: refused-inputs -->\n"
+    assert list(readme.cost_blocks(page, {})) == ["refused-inputs"]
