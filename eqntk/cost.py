@@ -6,7 +6,7 @@ measured on the machine at hand (``Calibration``, a few seconds, cached per mach
 - training (``train_seconds``): a unit of ``M`` members runs ``steps`` forward-and-backward
   passes over its batch and, at each logged step, one forward pass over the orbits of the
   training and eval inputs. Each pass is priced by its operations, counted once per model
-  by running it at widths 1, 2, 3 and batches 1, 2 (``ModelProfile``): matrix-product and
+  by running it at widths 2, 3, 4 and batches 1, 2 (``ModelProfile``): matrix-product and
   convolution flops (divided by the measured throughput of each), elements written by every
   other operation (by the measured elementwise rate) and the number of operations (by the
   measured cost of dispatching one). Flops and elements are exact polynomials of degree 2 in
@@ -54,7 +54,7 @@ from workers.unit import reproducible
 
 from .store import PartWriter
 
-CALIBRATION_FORMAT = 15  # bump when the benchmark or what it measures changes
+CALIBRATION_FORMAT = 17  # bump when the benchmark or what it measures changes
 
 
 # ----- the machine's rates ----------------------------------------------------------------------
@@ -345,6 +345,8 @@ class _Counter(TorchDispatchMode):
             return out  # a view: no data moves
         if packet in flop_registry:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            if packet.__name__ == "convolution_backward":
+                flops = _conv_backward_flops(args, flops)
             if "conv" in packet.__name__:
                 groups = _groups(packet.__name__, args)
                 if groups > 1:
@@ -361,6 +363,24 @@ class _Counter(TorchDispatchMode):
         read = sum(t.numel() for t in _tensors((args, kwargs)))
         self.memory += read + written
         return out
+
+
+def _conv_backward_flops(args, torch_flops: int) -> int:
+    """Flops of aten.convolution_backward: each gradient asked for (input, weight) costs what
+    the forward convolution does. torch's formula counts the weight gradient as an ungrouped
+    convolution, ``groups`` times too many flops for a grouped one; vmap makes a block of ``m``
+    members' convolutions one convolution of ``m`` groups, so its count grew as ``m^2`` and the
+    vmap path's rate was fitted to flops that were never done (a 32-member CNN block was priced
+    2.2x low). Transposed convolutions (none in our models) keep torch's count."""
+    try:
+        grad_out, x, w = args[0], args[1], args[2]
+        transposed, mask = bool(args[7]), args[10]
+    except (IndexError, TypeError):
+        return torch_flops
+    if transposed:
+        return torch_flops
+    forward = 2 * math.prod(grad_out.shape[2:]) * math.prod(w.shape[2:]) * x.shape[0] * w.shape[0] * w.shape[1]
+    return forward * (int(bool(mask[0])) + int(bool(mask[1])))
 
 
 def _groups(name: str, args) -> int:
@@ -465,6 +485,20 @@ def _quadratic(v1: float, v2: float, v3: float) -> list[float]:
     return [v1 - b - c2, b, c2]
 
 
+# The widths a model is counted at. Not from 1: at width 1 some channel axes have length 1
+# and torch moves nothing for them (expands and views instead of copies), so the counts there
+# lie off the polynomial the larger widths follow (measured: a CNN's elements per member at
+# widths 1..4 were 264k, 548k, 820k, 1093k; from widths 1-3 the fit gave 3.2M at width 16
+# against 4.4M counted there; from widths 2-4 it is exact).
+COUNT_WIDTHS = (2, 3, 4)
+
+
+def _quadratic_from_2(v2: float, v3: float, v4: float) -> list[float]:
+    """``[a, b, c]`` with ``a + b w + c w^2`` through the values at widths 2, 3, 4."""
+    a, b, c = _quadratic(v2, v3, v4)  # in x = w - 1
+    return [a - b + c, b - 2 * c, c]
+
+
 COUNTS = ("mm", "conv", "gconv", "memory", "index")
 
 
@@ -502,10 +536,10 @@ def _profile_key(spec: ModelSpec, input_shape: tuple, n_out: int) -> str:
 
 
 def count_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfile:
-    """Count ``spec``'s passes at widths 1, 2, 3, batches 1, 2 and (vmap) 2, 3 members."""
+    """Count ``spec``'s passes at widths 2, 3, 4 (``COUNT_WIDTHS``), batches 1, 2 and (vmap) 2, 3 members."""
     keys = [(kind, path) for kind in ("fwd", "train") for path in ("vec", "one")]
     coef, ops, act, counts = {}, {}, [], {}
-    for w in (1, 2, 3):
+    for w in COUNT_WIDTHS:
         module = build_model(spec, w, input_shape, n_out)
         for kind, path in keys:
             for batch in (1, 2):
@@ -527,11 +561,12 @@ def count_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfi
         for p, part in enumerate(("member", "block")):
             coef[key][part] = {}
             for i, name in enumerate(COUNTS):
-                per_batch = [counts[(*key, w, 2)][p][i] - counts[(*key, w, 1)][p][i] for w in (1, 2, 3)]
-                fixed = [counts[(*key, w, 1)][p][i] - per_batch[j] for j, w in enumerate((1, 2, 3))]
-                coef[key][part][name] = (_quadratic(*fixed), _quadratic(*per_batch))
-        ops[key] = max(counts[(*key, w, b)][2] for w in (1, 2, 3) for b in (1, 2))
-    return ModelProfile(coef=coef, ops=ops, activation=(act[0] - (act[1] - act[0]), act[1] - act[0]))
+                per_batch = [counts[(*key, w, 2)][p][i] - counts[(*key, w, 1)][p][i] for w in COUNT_WIDTHS]
+                fixed = [counts[(*key, w, 1)][p][i] - per_batch[j] for j, w in enumerate(COUNT_WIDTHS)]
+                coef[key][part][name] = (_quadratic_from_2(*fixed), _quadratic_from_2(*per_batch))
+        ops[key] = max(counts[(*key, w, b)][2] for w in COUNT_WIDTHS for b in (1, 2))
+    slope = act[1] - act[0]
+    return ModelProfile(coef=coef, ops=ops, activation=(act[0] - 2 * slope, slope))
 
 
 def ensemble_blocks(profile: ModelProfile, width: int, members: int, batch: int, itemsize: int,
@@ -629,13 +664,19 @@ def unit_cost(unit, input_shape: tuple, n_out: int, n_train: int, eval_sizes: li
     rates = cal if not gpu else _gpu_rates(cal)
     dtype_slowdown = 2.0 if itemsize == 8 else 1.0  # float64 halves the arithmetic and doubles the bytes
     train_blocks = ensemble_blocks(prof, width, members, batch, itemsize, True, device)
-    eval_blocks = ensemble_blocks(prof, width, members, eval_rows, itemsize, False, device)
     step = prof.pass_cost("train", width, batch, _vectorised(train_blocks, members, device))
-    log = prof.pass_cost("fwd", width, eval_rows, _vectorised(eval_blocks, members, device))
     train_s = unit.steps * (step.seconds(rates, members, train_blocks, dtype_slowdown) + batch_s)
+    # A log is one forward pass per set (the training inputs and each eval set, over its
+    # orbit), each with its own blocks and fixed costs (workers.train.train_gd); pricing the
+    # sets as one pass over all their rows priced logs 1.3-2.2x low (benchmarks/unit_cost.py).
+    log_pass = 0.0
+    for n in [n_train, *eval_sizes]:
+        blocks = ensemble_blocks(prof, width, members, n * order, itemsize, False, device)
+        log_pass += prof.pass_cost("fwd", width, n * order, _vectorised(blocks, members, device)).seconds(
+            rates, members, blocks, dtype_slowdown)
     logs = len(unit.log_steps)
     rows = logs * eval_rows * n_out * (members if unit.store_members else 1)
-    log_s = (logs * log.seconds(rates, members, eval_blocks, dtype_slowdown)
+    log_s = (logs * log_pass
              + logs * (1 + len(eval_sizes)) * cal.write_seconds_per_call + rows * cal.write_seconds_per_row)
     params = parameter_count(spec, width, tuple(input_shape), int(n_out))
     activations = prof.activation_bytes(width, itemsize) * max(3 * batch, eval_rows) * (
