@@ -6,7 +6,7 @@ measured on the machine at hand (``Calibration``, a few seconds, cached per mach
 - training (``train_seconds``): a unit of ``M`` members runs ``steps`` forward-and-backward
   passes over its batch and, at each logged step, one forward pass over the orbits of the
   training and eval inputs. Each pass is priced by its operations, counted once per model
-  by running it at widths 2, 3, 4 and batches 1, 2 (``ModelProfile``): matrix-product and
+  by running it at widths 2, 3, 4 and batches 2, 3 (``ModelProfile``): matrix-product and
   convolution flops (divided by the measured throughput of each), elements written by every
   other operation (by the measured elementwise rate) and the number of operations (by the
   measured cost of dispatching one). Flops and elements are exact polynomials of degree 2 in
@@ -485,11 +485,12 @@ def _quadratic(v1: float, v2: float, v3: float) -> list[float]:
     return [v1 - b - c2, b, c2]
 
 
-# The widths a model is counted at. Not from 1: at width 1 some channel axes have length 1
-# and torch moves nothing for them (expands and views instead of copies), so the counts there
-# lie off the polynomial the larger widths follow (measured: a CNN's elements per member at
-# widths 1..4 were 264k, 548k, 820k, 1093k; from widths 1-3 the fit gave 3.2M at width 16
-# against 4.4M counted there; from widths 2-4 it is exact).
+# The widths a model is counted at (and the batches, 2 and 3). Not from 1: at width 1 some
+# channel axes have length 1 and torch moves nothing for them (expands and views instead of
+# copies), so the counts there lie off the polynomial the larger widths follow (measured: a
+# CNN's elements per member at widths 1..4 were 264k, 548k, 820k, 1093k; from widths 1-3 the
+# fit gave 3.2M at width 16 against 4.4M counted there; from widths 2-4 it is exact). A batch
+# of 1 does the same (a width-16 CNN block: 1.14M, 2.15M, 3.11M elements at batches 1, 2, 3).
 COUNT_WIDTHS = (2, 3, 4)
 
 
@@ -519,8 +520,8 @@ def model_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfi
     return profile
 
 
-# What the counts follow from besides the spec: the code that builds and runs the models.
-_PROFILE_SOURCES = ("workers/*.py", "study/architecture.py", "study/bases.py", "study/escnn_types.py",
+# What the counts follow from besides the spec: the code that counts, builds and runs the models.
+_PROFILE_SOURCES = ("eqntk/cost.py", "workers/*.py", "study/architecture.py", "study/bases.py", "study/escnn_types.py",
                     "study/sphere.py", "study/spec.py")
 
 
@@ -536,13 +537,13 @@ def _profile_key(spec: ModelSpec, input_shape: tuple, n_out: int) -> str:
 
 
 def count_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfile:
-    """Count ``spec``'s passes at widths 2, 3, 4 (``COUNT_WIDTHS``), batches 1, 2 and (vmap) 2, 3 members."""
+    """Count ``spec``'s passes at widths 2, 3, 4 (``COUNT_WIDTHS``), batches 2, 3 and (vmap) 2, 3 members."""
     keys = [(kind, path) for kind in ("fwd", "train") for path in ("vec", "one")]
     coef, ops, act, counts = {}, {}, [], {}
     for w in COUNT_WIDTHS:
         module = build_model(spec, w, input_shape, n_out)
         for kind, path in keys:
-            for batch in (1, 2):
+            for batch in (2, 3):
                 k = len(COUNTS)
                 if path == "vec":  # c(m) = block + m member, from blocks of 2 and 3 members (vmap's
                     # convolutions are grouped from 2 members on, so 1 member would count another kind)
@@ -561,10 +562,10 @@ def count_profile(spec: ModelSpec, input_shape: tuple, n_out: int) -> ModelProfi
         for p, part in enumerate(("member", "block")):
             coef[key][part] = {}
             for i, name in enumerate(COUNTS):
-                per_batch = [counts[(*key, w, 2)][p][i] - counts[(*key, w, 1)][p][i] for w in COUNT_WIDTHS]
-                fixed = [counts[(*key, w, 1)][p][i] - per_batch[j] for j, w in enumerate(COUNT_WIDTHS)]
+                per_batch = [counts[(*key, w, 3)][p][i] - counts[(*key, w, 2)][p][i] for w in COUNT_WIDTHS]
+                fixed = [counts[(*key, w, 2)][p][i] - 2 * per_batch[j] for j, w in enumerate(COUNT_WIDTHS)]
                 coef[key][part][name] = (_quadratic_from_2(*fixed), _quadratic_from_2(*per_batch))
-        ops[key] = max(counts[(*key, w, b)][2] for w in COUNT_WIDTHS for b in (1, 2))
+        ops[key] = max(counts[(*key, w, b)][2] for w in COUNT_WIDTHS for b in (2, 3))
     slope = act[1] - act[0]
     return ModelProfile(coef=coef, ops=ops, activation=(act[0] - 2 * slope, slope))
 

@@ -428,3 +428,20 @@ def test_readme_refused_inputs_block(tmp_path):
     readme.BENCHMARK_RECORDS["bounded"] = path
     page = "<!-- generated: refused-inputs -->\n<!-- end generated: refused-inputs -->\n"
     assert list(readme.cost_blocks(page, {})) == ["refused-inputs"]
+
+
+def test_counts_are_linear_in_members_and_exact_at_a_wider_width():
+    """What a vmap block of a CNN counts grows in proportion to its members (torch's flop
+    formula counted the grouped weight gradient m times over, m^2 in all), and the profile
+    counted at widths 2-4 gives the counts of width 16 exactly (from width 1 it did not)."""
+    from workers.models import build_model
+
+    spec = ModelSpec(name="c", arch="cnn", depth=2)
+    module = build_model(spec, 16, (1, 8, 8), 10)
+    counts = {m: cost._count(module, (1, 8, 8), 8, True, True, m) for m in (2, 3, 8)}
+    assert counts[8][2] > 0  # grouped convolutions are counted as such
+    for i in range(len(cost.COUNTS)):
+        assert counts[8][i] - counts[3][i] == pytest.approx(5 * (counts[3][i] - counts[2][i]), rel=1e-9)
+    profile = cost.count_profile(spec, (1, 8, 8), 10).pass_cost("train", 16, 8, True)
+    for i in range(len(cost.COUNTS)):
+        assert 8 * profile.member[i] + profile.block[i] == pytest.approx(counts[8][i], rel=1e-6), cost.COUNTS[i]
