@@ -11,6 +11,7 @@ how to fix it. ``study_from_dict`` rebuilds a study from the ``config`` of a stu
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional, Union
 
@@ -228,7 +229,7 @@ class DataConfig(TrainDataConfig):
     @model_validator(mode="after")
     def _unique_names(self) -> "DataConfig":
         names = [e.name for e in self.eval]
-        dup = {n for n in names if names.count(n) > 1}
+        dup = {n for n, k in Counter(names).items() if k > 1}
         if dup:
             raise ValueError(f"eval set names must be unique, repeated: {sorted(dup)}")
         sphere = self.train.source in SPHERE_SOURCES
@@ -247,6 +248,7 @@ class DataConfig(TrainDataConfig):
 # is a Ray task and a Parquet part. Larger studies are split into several study files.
 MAX_LOGS = 10_000
 MAX_UNITS = 100_000
+MAX_MODELS = 100
 
 
 class LogSpaced(_Strict):
@@ -423,6 +425,9 @@ class StudyBase(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StudyBase":
+        if len(self.models) > MAX_MODELS:
+            raise ValueError(f"models: {len(self.models)} models is more than {MAX_MODELS} (each is built and priced "
+                             "before any work); split the study into several files")
         self._check_fields()
         specs = self.model_specs  # validates every model
         self._check_specs(specs)
@@ -441,7 +446,7 @@ class StudyBase(_Strict):
             if m_size is not None and (not isinstance(m_size, int) or m_size < 2):
                 raise ValueError(f"models.{i}.ensemble_size: {m_size} is below 2; a variance needs at least 2 members")
         names = [m.name for m in specs]
-        dup = {n for n in names if names.count(n) > 1}
+        dup = {n for n, k in Counter(names).items() if k > 1}
         if dup:
             raise ValueError(f"model names must be unique, repeated: {sorted(dup)}")
         if self.rotations is not None and not any(s.so3 for s in specs):
@@ -686,7 +691,7 @@ class RegressionStudy(StudyBase):
         elif self.regression.descriptors:
             raise ValueError("regression.descriptors: only for source molecules; remove them")
         names = [s.name for s in specs] + [d.name for d in self.regression.descriptors]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted({n for n, k in Counter(names).items() if k > 1})
         if dup:
             raise ValueError(f"regression.descriptors: name {dup[0]} is taken by a model or another descriptor; rename it")
 
@@ -766,10 +771,19 @@ def parse_study(text: str, origin: str = "study") -> Study:
         raise StudyError(f"{origin}: {e}") from None
 
 
+# A study file names fields; its inputs live in data files. Parsing YAML takes about 5 s per
+# MB here (PyYAML; measured on a file of 20,000 eval sets), so the size is checked first.
+MAX_STUDY_BYTES = 128 * 1024
+
+
 def load_study(path: Union[str, Path]) -> Study:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study: file {path} not found; give the path of a study YAML file")
+    size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise StudyError(f"{path}: the study file is {size // 1024} kB, more than {MAX_STUDY_BYTES // 1024} kB; a study "
+                         "file lists fields, not data: put inputs in an .npz (data.train: {source: npz, path: ...})")
     return parse_study(path.read_text(), origin=str(path))
 
 

@@ -67,6 +67,11 @@ CASES = [
                                        "log_steps: {count: 100000000}"), {}, ["log_steps", "logs", "count: 16"]),
     ("a width no machine holds", replace(GOOD, "widths: [8, 16]", "widths: [100000000]"), {},
      ["widths", "GB", "smaller widths"]),
+    # a file's size and its count of models bound what reading and pricing it takes
+    ("a study file of a megabyte", GOOD + "# " + "x" * 2**20 + "\n", {}, ["study file is", "more than 128 kB", ".npz"]),
+    ("a hundred and one models", replace(GOOD, "  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}\n",
+                                         "".join(f"  - {{name: m{i}, arch: mlp}}\n" for i in range(100))), {},
+     ["models", "101 models", "more than 100", "split the study"]),
     ("antithetic pairs of an odd ensemble", replace(GOOD, "ensemble_size: 4", "ensemble_size: 5\npairing: antithetic"), {},
      ["ensemble_size", "antithetic pairs", "even"]),
     ("antithetic pairs split between units",
