@@ -13,6 +13,7 @@ about 0.7 s more to import here, twice that under load) starts from these same o
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,6 +24,17 @@ from study.regression_data import build_regression_data
 from workers.footprint import machine_bytes, members_fitting, unit_bytes
 
 
+@contextmanager
+def refused_when_out_of_memory(path: Path):
+    """A size the study's checks let through but whose arrays cannot be allocated (say an eval
+    set of a billion inputs) is bad input too: one line, before any work, not a traceback."""
+    try:
+        yield
+    except MemoryError as e:
+        raise StudyError(f"{path}: the study's inputs do not fit in this machine's memory ({str(e).strip()}); "
+                         "lower the sizes of its data sources (n) or models") from None
+
+
 class Prepared:
     """A validated ensemble study with its arrays and units: everything decided before any work."""
 
@@ -30,9 +42,10 @@ class Prepared:
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
         self.cfg: EnsembleStudy = cfg if cfg is not None else load_study(path)
-        self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
-        self.cfg.check_inputs(self.data.input_shape, str(path), n_train=len(self.data.train_x))
-        check_unit_memory(self.cfg, self.data.input_shape, self.data.n_out, str(path))
+        with refused_when_out_of_memory(path):
+            self.data = build_data(self.cfg.data, self.cfg.seed, base=path.parent, group=self.cfg.group)
+            self.cfg.check_inputs(self.data.input_shape, str(path), n_train=len(self.data.train_x))
+            check_unit_memory(self.cfg, self.data.input_shape, self.data.n_out, str(path))
         self.digest = self.data.digest()
         self.units = expand(self.cfg, self.digest)
 
@@ -97,8 +110,9 @@ class PreparedRegression:
         self.path = path
         self.text = path.read_text() if path.is_file() else ""
         self.cfg: RegressionStudy = cfg if cfg is not None else load_study(path)
-        self.data = build_regression_data(self.cfg, path.parent)
-        self.cfg.check_inputs(self.data.input_shape, str(path))
+        with refused_when_out_of_memory(path):
+            self.data = build_regression_data(self.cfg, path.parent)
+            self.cfg.check_inputs(self.data.input_shape, str(path))
         self.digest = self.data.digest()
 
     @property

@@ -769,6 +769,9 @@ def parse_study(text: str, origin: str = "study") -> Study:
         raise StudyError(f"{origin}: {_first_error(e)}") from None
     except ValueError as e:  # raised by model_specs inside a validator
         raise StudyError(f"{origin}: {e}") from None
+    except MemoryError as e:  # a size a validator builds an array of (say a kernel_size of a billion)
+        raise StudyError(f"{origin}: checking the study needs more memory than this machine has ({str(e).strip()}); "
+                         "lower its sizes") from None
 
 
 # A study file names fields; its inputs live in data files. Parsing YAML takes about 5 s per

@@ -69,6 +69,12 @@ CASES = [
      ["widths", "GB", "smaller widths"]),
     # a file's size and its count of models bound what reading and pricing it takes
     ("a study file of a megabyte", GOOD + "# " + "x" * 2**20 + "\n", {}, ["study file is", "more than 128 kB", ".npz"]),
+    # sizes whose arrays no machine holds, met while the data or a model's fields are built
+    ("an eval set of a hundred billion inputs", replace(GOOD, "{source: gaussian, n: 4}", "{source: gaussian, n: 100000000000}"),
+     {}, ["do not fit in this machine's memory", "Unable to allocate", "lower the sizes"]),
+    ("a kernel of a billion taps a side", replace(GOOD, "{name: mlp, arch: mlp, depth: 1}",
+                                                  "{name: mlp, arch: cnn, kernel_size: 1000000001}"), {},
+     ["more memory than this machine has", "Unable to allocate", "lower its sizes"]),
     ("a hundred and one models", replace(GOOD, "  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}\n",
                                          "".join(f"  - {{name: m{i}, arch: mlp}}\n" for i in range(100))), {},
      ["models", "101 models", "more than 100", "split the study"]),
