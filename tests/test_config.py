@@ -75,6 +75,8 @@ CASES = [
     ("a kernel of a billion taps a side", replace(GOOD, "{name: mlp, arch: mlp, depth: 1}",
                                                   "{name: mlp, arch: cnn, kernel_size: 1000000001}"), {},
      ["more memory than this machine has", "Unable to allocate", "lower its sizes"]),
+    ("a million layers", replace(GOOD, "{name: mlp, arch: mlp, depth: 1}", "{name: mlp, arch: mlp, depth: 1000000}"), {},
+     ["models.0.depth", "more than 1000", "at most"]),
     ("a hundred and one models", replace(GOOD, "  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}\n",
                                          "".join(f"  - {{name: m{i}, arch: mlp}}\n" for i in range(100))), {},
      ["models", "101 models", "more than 100", "split the study"]),

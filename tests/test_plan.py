@@ -445,3 +445,11 @@ def test_counts_are_linear_in_members_and_exact_at_a_wider_width():
     profile = cost.count_profile(spec, (1, 8, 8), 10).pass_cost("train", 16, 8, True)
     for i in range(len(cost.COUNTS)):
         assert 8 * profile.member[i] + profile.block[i] == pytest.approx(counts[8][i], rel=1e-6), cost.COUNTS[i]
+
+
+@pytest.mark.parametrize("arch,extra", [("mlp", {}), ("group_mlp", {"support": "identity"}), ("cnn", {})])
+def test_deep_models_are_priced_from_depths_2_and_3(arch, extra):
+    """Counts are linear in the depth from 2 on (hidden layers after the first are alike):
+    the profile of a depth-5 model from depths 2 and 3 equals its own count."""
+    spec = ModelSpec(name="d", arch=arch, depth=5, **extra)
+    assert cost.depth_profile(spec, (1, 8, 8), 10) == cost.count_profile(spec, (1, 8, 8), 10)
