@@ -38,7 +38,7 @@ from workers.augment import Minibatches, make_augmentation  # noqa: E402
 from workers.ensemble import Ensemble, member_seeds  # noqa: E402
 from workers.models import build_model, init_parameters  # noqa: E402
 from workers.train import orbit_inputs  # noqa: E402
-from workers.unit import TRAIN_SET, reproducible, run_unit  # noqa: E402
+from workers.unit import reproducible, run_unit  # noqa: E402
 
 
 def best_cpu(fn, repeats: int = 3) -> float:
