@@ -85,12 +85,16 @@ class GaussianSource(_Strict):
     n: int = Field(gt=0)
 
 
+# scikit-learn's two sample photographs are 427 x 640 pixels: no larger square patch exists.
+MAX_PHOTO_PATCH = 427
+
+
 class PhotoPatchSource(_Strict):
     """Patches of scikit-learn's sample photographs, averaged down to the training image size."""
 
     source: Literal["sample_images"]
     n: int = Field(gt=0)
-    patch: int = Field(32, gt=0)
+    patch: int = Field(32, gt=0, le=MAX_PHOTO_PATCH)
 
 
 class RingSource(_Strict):
@@ -98,7 +102,9 @@ class RingSource(_Strict):
 
     source: Literal["ring"]
     n: int = Field(gt=0)
-    m: int = Field(gt=0)
+    # A ring CNN's kernel holds m x m position pairs per pair of inputs: 65,536 points already
+    # take 34 GB a pair, and drawing the signals costs n x m per bump.
+    m: int = Field(gt=0, le=65536)
     classes: int = Field(3, ge=2)
     start: int = Field(0, ge=0)
 
@@ -130,7 +136,7 @@ class SpherePhotoSource(_Strict):
 
     source: Literal["sphere_photos"]
     n: int = Field(gt=0)
-    patch: int = Field(32, gt=0)
+    patch: int = Field(32, gt=0, le=MAX_PHOTO_PATCH)
     L: Optional[int] = Field(None, ge=1)
 
 
