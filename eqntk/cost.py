@@ -716,10 +716,13 @@ def _vectorised(blocks: int, members: int, device: str) -> bool:
     return device != "cpu" or blocks < members or members == 1
 
 
+# The rates a GPU multiplies (every throughput; fixed costs per operation and pass stay).
+GPU_SCALED_RATES = ("mm_flops", "conv_flops", "gconv_flops", "memory", "index")
+
+
 def _gpu_rates(cal: Calibration) -> Calibration:
     f = GPU_THROUGHPUT_FACTOR
-    return Calibration(**{**asdict(cal), "mm_flops": cal.mm_flops * f, "conv_flops": cal.conv_flops * f,
-                          "memory": cal.memory * f, "index": cal.index * f})
+    return Calibration(**{**asdict(cal), **{name: getattr(cal, name) * f for name in GPU_SCALED_RATES}})
 
 
 # ----- analytic kernels ----------------------------------------------------------------------------

@@ -453,3 +453,15 @@ def test_deep_models_are_priced_from_depths_2_and_3(arch, extra):
     the profile of a depth-5 model from depths 2 and 3 equals its own count."""
     spec = ModelSpec(name="d", arch=arch, depth=5, **extra)
     assert cost.depth_profile(spec, (1, 8, 8), 10) == cost.count_profile(spec, (1, 8, 8), 10)
+
+
+def test_a_gpu_scales_every_throughput_rate():
+    """Every rate a pass's work is divided by (PassCost.seconds) is a GPU's GPU_THROUGHPUT_FACTOR
+    times this machine's; the fixed costs per operation and per pass are not (launch overheads)."""
+    cal = cost.Calibration(machine=cost.machine_key(), **RATES)
+    gpu = cost._gpu_rates(cal)
+    throughputs = {"mm_flops", "conv_flops", "gconv_flops", "memory", "index"}
+    assert set(cost.GPU_SCALED_RATES) == throughputs
+    for name in throughputs:
+        assert getattr(gpu, name) == pytest.approx(cost.GPU_THROUGHPUT_FACTOR * getattr(cal, name))
+    assert gpu.op_seconds == cal.op_seconds and gpu.pass_seconds == cal.pass_seconds
