@@ -23,6 +23,7 @@ from eqntk.store import PartWriter, ResultStore, read_predictions, scan_partitio
 from study.config import StudyError
 from study.grid import UnitSpec
 from study.spec import ModelSpec
+from test_config import GOOD, replace
 
 
 # ----- a store of known parts, written without training ----------------------------------------
@@ -228,24 +229,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 # ----- a real study: trained, analysed, compacted at the end of a rerun that trains nothing ----
-STUDY = """
-name: tiny
-seed: 0
-data:
-  train: {source: digits, n: 8}
-  eval:
-    - {name: noise, data: {source: gaussian, n: 4}}
-group: C4
-models:
-  - {name: mlp, arch: mlp, depth: 1}
-  - {name: gmlp, arch: group_mlp, depth: 1, support: identity}
-widths: [8, 16]
-ensemble_size: 4
-members_per_unit: 1
-lr: 0.5
-steps: 20
-log_steps: [0, 5, 20]
-"""
+STUDY = replace(GOOD, "ensemble_size: 4", "ensemble_size: 4\nmembers_per_unit: 1")  # 16 units
 
 
 def test_real_study_compacted_at_the_end_of_a_rerun(tmp_path, capsys, monkeypatch):
