@@ -3,9 +3,10 @@ for into a torch device (the kernels are float64 on every device)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "to_host"]
 
 
 def resolve_device(device) -> torch.device:
@@ -23,3 +24,8 @@ def resolve_device(device) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """A computed kernel as a numpy array in host memory (a copy from a GPU, a view on the CPU)."""
+    return t.cpu().numpy()

@@ -102,15 +102,10 @@ class SO3KernelFn:
             else:
                 nngp, ntk = self._pair(x1, None if x2 is None else _np(x2), device)
         out = {"nngp": nngp, "ntk": ntk}
-        return {g: _host(out[g]) for g in get}
+        return {g: devices.to_host(out[g]) for g in get}
 
     def diag(self, x, get: Sequence[str] = ("nngp", "ntk"), block_size: Optional[int] = None, device=None):
         return self(x, None, get=get, diag=True, device=device)
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A kernel as a float64 numpy array in host memory."""
-    return t.cpu().numpy().astype(np.float64)
 
 
 def so3_study_kernel_fn(spec: ModelSpec, input_shape: Sequence[int], n_out: int = 1, *,

@@ -180,7 +180,7 @@ class KernelFn:
     def _diag(self, x1, x2, get, want_ntk, sblock, workers):
         if x2 is None:
             _, out = self._self_pass(x1, want_ntk, sblock, workers)
-            return {g: _host(out[g]) for g in get}
+            return {g: devices.to_host(out[g]) for g in get}
         if len(x1) != len(x2):
             raise ValueError(f"diag: x1 and x2 must pair up, got {len(x1)} and {len(x2)} inputs")
         v1, _ = self._self_pass(x1, False, sblock, workers)
@@ -191,7 +191,7 @@ class KernelFn:
             sl = slice(s, s + sblock)
             st, _ = self._run(x1[sl], x2[sl], False, want_ntk, [v[sl] for v in v1], [v[sl] for v in v2])
             for g in get:
-                res[g][sl] = _host(getattr(st, g))
+                res[g][sl] = devices.to_host(getattr(st, g))
 
         _for_each(work, range(0, len(x1), sblock), workers)
         return res
@@ -211,7 +211,7 @@ class KernelFn:
             r, c = job
             st, _ = self._run(x1[r], x2[c], True, want_ntk, [v[r] for v in v1], [v[c] for v in v2])
             for g in get:
-                b = _host(getattr(st, g))
+                b = devices.to_host(getattr(st, g))
                 if sym and r == c:
                     b = 0.5 * (b + b.T)  # equal up to rounding; keep the matrix exactly symmetric
                 res[g][r, c] = b
@@ -220,11 +220,6 @@ class KernelFn:
 
         _for_each(work, jobs, workers)
         return res
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A block's kernel as a numpy array in host memory (a copy from a GPU, a view on the CPU)."""
-    return t.cpu().numpy()
 
 
 def _recycle_dead(old: Pairs, new: Pairs) -> None:

@@ -181,9 +181,7 @@ def theory_device(study_device: str) -> torch.device:
     """Where the analytic kernels of a study are computed: the GPU when torch sees one, unless
     the study says ``device: cpu``. A study that trained on GPUs (``device: cuda``) is still
     analysed on a machine without one, on its CPU."""
-    if study_device != "cpu" and torch.cuda.is_available():
-        return devices.resolve_device("cuda")
-    return torch.device("cpu")
+    return devices.resolve_device("cpu" if study_device == "cpu" else "auto")
 
 
 # Orbit invariance of an equivariant model's prediction is checked to this relative accuracy

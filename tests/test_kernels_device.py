@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import analysis.kernels as kernels
-from analysis import blocks, devices, kernel_ops, kernel_so3_study, molecule_blocks, regression, stax, theory
+from analysis import blocks, devices, kernel_ops, molecule_blocks, regression, stax, theory
 from analysis.blocks import compute_block
 from study.config import load_study
 from study.data import StudyData
@@ -67,8 +67,7 @@ class SameDevice(TorchDispatchMode):
 def shapes_only(monkeypatch):
     """Results copied back from meta are zeros of the right shape (meta holds no values), and
     every operation runs under ``SameDevice``."""
-    for module in (kernels, kernel_so3_study):
-        monkeypatch.setattr(module, "_host", lambda t: np.zeros(tuple(t.shape)))
+    monkeypatch.setattr(devices, "to_host", lambda t: np.zeros(tuple(t.shape)))
     with SameDevice():
         yield
 
